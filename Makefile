@@ -1,0 +1,31 @@
+# Set-up and everyday commands. Each target creates or reuses .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: test bench venv clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# On a machine without CUDA install the CPU wheel of torch first, so that the
+# project's torch range is already satisfied and no CUDA build is pulled.
+$(STAMP): $(PY) pyproject.toml
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(PY) -m pip install --quiet torch==2.13.0; \
+	fi
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m loadtest.bench_engine --out loadtest/results/bench_engine.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

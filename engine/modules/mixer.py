@@ -1,0 +1,100 @@
+"""The Mamba-1 mixer: parameter names and shapes equal mamba-ssm's ``Mamba``.
+
+Two entry points: :meth:`MambaMixer.forward` runs a whole (right-padded)
+batch of sequences from given states, :meth:`MambaMixer.step` advances one
+token per sequence in place. Activations are (batch, length, features),
+which is what the linear layers produce, so only the conv transposes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine import ops
+from engine.config import MambaConfig
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, config: MambaConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        d_inner, d_state, dt_rank = config.d_inner, config.d_state, config.dt_rank_value
+        self.d_inner, self.d_state, self.dt_rank, self.d_conv = d_inner, d_state, dt_rank, config.d_conv
+        self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.bias, **kw)
+        self.conv1d = nn.Conv1d(
+            d_inner, d_inner, config.d_conv, groups=d_inner, padding=config.d_conv - 1, bias=config.conv_bias, **kw
+        )
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **kw)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **kw)
+        # A and D stay float32 whatever the model dtype, as in mamba-ssm.
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(d_inner, device=device, dtype=torch.float32))
+        self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias, **kw)
+        self._config = config
+
+    @torch.no_grad()
+    def reset_parameters_like_mamba_ssm(self) -> None:
+        """mamba-ssm's initialisation: S4D-real A, D = 1, dt bias = softplus^-1 of log-uniform dt."""
+        cfg = self._config
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(A).repeat(self.d_inner, 1))
+        self.D.fill_(1.0)
+        std = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(
+            torch.rand(self.d_inner, device=self.A_log.device) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+            + math.log(cfg.dt_min)
+        ).clamp(min=cfg.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """dt (after softplus), B, C from the conv output x (..., d_inner)."""
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.softplus(self.dt_proj(dt).float()), B, C
+
+    def forward(
+        self,
+        hidden: Tensor,
+        conv_state: Tensor | None = None,
+        ssm_state: Tensor | None = None,
+        lengths: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """hidden (b, L, d_model) -> (out (b, L, d_model), new conv state, new ssm state).
+
+        ``lengths`` marks right padding: steps past a row's length leave its
+        state untouched, so the returned states are those after its last token.
+        """
+        b, L, _ = hidden.shape
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        conv_w = self.conv1d.weight.squeeze(1)
+        x, new_conv = ops.conv(x.transpose(1, 2), conv_w, self.conv1d.bias, conv_state, lengths)
+        x = x.transpose(1, 2)
+        dt, B, C = self._ssm_inputs(x)
+        if lengths is not None:
+            valid = torch.arange(L, device=hidden.device) < lengths.to(hidden.device).unsqueeze(1)
+            dt = dt * valid.unsqueeze(-1)
+        A = -torch.exp(self.A_log.float())
+        y, new_ssm = ops.ssm_scan(x, dt, A, B, C, self.D, z, ssm_state)
+        return self.out_proj(y.to(hidden.dtype)), new_conv, new_ssm
+
+    def _A_for_decode(self) -> Tensor:
+        """-exp(A_log), cached between decode steps until the parameter changes."""
+        key = (self.A_log._version, self.A_log.data_ptr())
+        cached = getattr(self, "_A_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, -torch.exp(self.A_log.float()))
+            self._A_cache = cached
+        return cached[1]
+
+    def step(self, hidden: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
+        """hidden (b, d_model) -> out (b, d_model); both states advance in place."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        x = ops.conv_step(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        dt, B, C = self._ssm_inputs(x)
+        y = ops.ssm_step(ssm_state, x, dt, self._A_for_decode(), B, C, self.D, z)
+        return self.out_proj(y)

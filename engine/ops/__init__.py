@@ -1,0 +1,82 @@
+"""Mamba ops with one entry point each: CUDA kernels when present, pure PyTorch otherwise.
+
+The mixer calls only these four functions, so the pure path and the kernel
+path share every line above the op level.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.ops import kernels
+from engine.ops.causal_conv1d import causal_conv1d_step, last_window
+from engine.ops.causal_conv1d import causal_conv1d as _causal_conv1d_pure
+from engine.ops.selective_scan import initial_state_contribution, selective_state_step
+from engine.ops.selective_scan import selective_scan as _selective_scan_pure
+
+
+def ssm_scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, h0: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``out = (scan(x) + D * x) * silu(z)`` over (b, L, ·) inputs; returns (out, last state).
+
+    dt is final (softplus applied, zero on padding). mamba-ssm's kernel only
+    scans from a zero state, so a start state is added by linearity.
+    """
+    if kernels.ssm_kernels_for(x):
+        out, h_last = kernels.selective_scan_fn(
+            x.transpose(1, 2).contiguous(),
+            dt.transpose(1, 2).contiguous(),
+            A,
+            B.transpose(1, 2).contiguous(),
+            C.transpose(1, 2).contiguous(),
+            D.float(),
+            z.transpose(1, 2).contiguous(),
+            delta_softplus=False,
+            return_last_state=True,
+        )
+        out = out.transpose(1, 2)
+        h_last = h_last.float()
+        if h0 is not None:
+            y_extra, h_extra = initial_state_contribution(dt, A, C, h0)
+            out = out + (y_extra * F.silu(z.float())).to(out.dtype)
+            h_last = h_last + h_extra
+        return out, h_last
+    y, h_last = _selective_scan_pure(x, dt, A, B, C, h0)
+    out = (y + x.float() * D.float()) * F.silu(z.float())
+    return out.to(x.dtype), h_last
+
+
+def ssm_step(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor) -> Tensor:
+    """One decode step on (b, ·) inputs; ``h`` (b, D, N) advances in place."""
+    if kernels.ssm_kernels_for(x):
+        return kernels.selective_state_update(h, x, dt, A, B, C, D.float(), z=z)
+    x32 = x.float()
+    y = selective_state_step(h, x32, dt, A, B.float(), C.float())
+    return (torch.addcmul(y, x32, D) * F.silu(z.float())).to(x.dtype)
+
+
+def conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None, lengths: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """silu(causal depthwise conv) over (b, D, L), continuing ``conv_state``; returns (out, new state)."""
+    if kernels.conv_kernels_for(x):
+        b, D, L = x.shape
+        K = weight.shape[-1]
+        state = x.new_zeros(b, D, K) if conv_state is None else conv_state.to(x.dtype)
+        window = torch.cat([state, x], dim=-1)
+        out = kernels.causal_conv1d_fn(window[..., 1:].contiguous(), weight, bias, activation="silu")[..., K - 1 :]
+        return out, last_window(window, lengths, K)
+    return _causal_conv1d_pure(x, weight, bias, conv_state, lengths)
+
+
+def conv_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """One decode step on (b, D); ``conv_state`` (b, D, K) shifts in place."""
+    if kernels.conv_kernels_for(x):
+        return kernels.causal_conv1d_update(x, conv_state, weight, bias, activation="silu")
+    return causal_conv1d_step(x, conv_state, weight, bias)
+
+
+__all__ = ["ssm_scan", "ssm_step", "conv", "conv_step", "kernels"]

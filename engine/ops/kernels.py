@@ -1,0 +1,46 @@
+"""Optional CUDA kernels from mamba-ssm and causal-conv1d.
+
+They are imported inside ``try/except Exception`` because on a CPU-only
+machine ``import mamba_ssm`` fails in its own extension loader, and used only
+for CUDA tensors. Everything works without them through the pure path.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+selective_scan_fn = None
+selective_state_update = None
+causal_conv1d_fn = None
+causal_conv1d_update = None
+
+try:  # pragma: no cover - needs a CUDA build of mamba-ssm
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # type: ignore[no-redef]
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update  # type: ignore[no-redef]
+except Exception:
+    pass
+
+try:  # pragma: no cover - needs a CUDA build of causal-conv1d
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # type: ignore[no-redef]
+except Exception:
+    pass
+
+
+def ssm_kernels_for(t: Tensor) -> bool:
+    """True when mamba-ssm's scan kernels can run on ``t``."""
+    return t.is_cuda and selective_scan_fn is not None and selective_state_update is not None
+
+
+def conv_kernels_for(t: Tensor) -> bool:
+    """True when causal-conv1d's kernels can run on ``t``."""
+    return t.is_cuda and causal_conv1d_fn is not None and causal_conv1d_update is not None
+
+
+def describe() -> dict[str, bool]:
+    """Which kernels imported, for logs and /health-style reports."""
+    return {
+        "selective_scan_fn": selective_scan_fn is not None,
+        "selective_state_update": selective_state_update is not None,
+        "causal_conv1d_fn": causal_conv1d_fn is not None,
+        "causal_conv1d_update": causal_conv1d_update is not None,
+    }

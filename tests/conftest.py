@@ -1,0 +1,37 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from engine import MambaConfig, MambaLMHeadModel
+
+settings.register_profile(
+    "ci",
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    derandomize=True,
+)
+settings.load_profile("ci")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def make_model(seed: int = 0, **overrides) -> MambaLMHeadModel:
+    """A tiny random model; non-trivial dt and A so every path matters."""
+    base = dict(d_model=32, n_layer=2, vocab_size=261, d_state=8, d_conv=4, expand=2)
+    base.update(overrides)
+    torch.manual_seed(seed)
+    model = MambaLMHeadModel(MambaConfig(**base))
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.dt_proj.bias.add_(torch.randn_like(layer.mixer.dt_proj.bias))
+            layer.mixer.A_log.add_(0.3 * torch.randn_like(layer.mixer.A_log))
+            layer.mixer.D.add_(torch.randn_like(layer.mixer.D))
+            layer.norm.weight.add_(0.1 * torch.randn_like(layer.norm.weight))
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model() -> MambaLMHeadModel:
+    return make_model()
