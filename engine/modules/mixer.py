@@ -82,8 +82,13 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.to(hidden.dtype)), new_conv, new_ssm
 
     def _A_for_decode(self) -> Tensor:
-        """-exp(A_log), cached between decode steps until the parameter changes."""
-        key = (self.A_log._version, self.A_log.data_ptr())
+        """-exp(A_log), cached between decode steps until the parameter changes.
+
+        Change is seen through the version counter; inference tensors have
+        none, and are treated as frozen (weights are not edited mid-serving).
+        """
+        version = None if self.A_log.is_inference() else self.A_log._version
+        key = (version, self.A_log.data_ptr())
         cached = getattr(self, "_A_cache", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
