@@ -147,3 +147,17 @@ def test_ops_dispatch_uses_pure_path_on_cpu():
     x = torch.zeros(1, 2, 3)
     assert not kernels.ssm_kernels_for(x) and not kernels.conv_kernels_for(x)
     assert not any(kernels.describe().values())  # mamba-ssm does not import on a CPU-only machine
+
+
+def test_scan_gradients_equal_sequential_gradients():
+    """Training runs the out-of-place path; its gradients must be those of the recurrence."""
+    inputs = random_scan_inputs(2, 23, 4, 3, 7)
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    refs = [t.clone().requires_grad_(True) for t in inputs]
+    y, h = selective_scan(*leaves, chunk_len=5)
+    y_ref, h_ref = sequential_scan(*refs)
+    weights = torch.randn_like(y)
+    ((y * weights).sum() + h.square().sum()).backward()
+    ((y_ref * weights).sum() + h_ref.square().sum()).backward()
+    for got, want in zip(leaves, refs):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-4, rtol=1e-4)

@@ -3,7 +3,7 @@
 Two entry points: :meth:`MambaMixer.forward` runs a whole (right-padded)
 batch of sequences from given states, :meth:`MambaMixer.step` advances one
 token per sequence in place. Activations are (batch, length, features),
-which is what the linear layers produce, so only the conv transposes.
+which is what the linear layers produce, so nothing is transposed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from engine import ops
 from engine.config import MambaConfig
+from engine.ops.selective_scan import LOG2E
 
 
 class MambaMixer(nn.Module):
@@ -71,8 +72,7 @@ class MambaMixer(nn.Module):
         b, L, _ = hidden.shape
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         conv_w = self.conv1d.weight.squeeze(1)
-        x, new_conv = ops.conv(x.transpose(1, 2), conv_w, self.conv1d.bias, conv_state, lengths)
-        x = x.transpose(1, 2)
+        x, new_conv = ops.conv(x, conv_w, self.conv1d.bias, conv_state, lengths)
         dt, B, C = self._ssm_inputs(x)
         if lengths is not None:
             valid = torch.arange(L, device=hidden.device) < lengths.to(hidden.device).unsqueeze(1)
@@ -82,7 +82,7 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.to(hidden.dtype)), new_conv, new_ssm
 
     def _A_for_decode(self) -> Tensor:
-        """-exp(A_log), cached between decode steps until the parameter changes.
+        """-exp(A_log) * log2(e) (the exp2 form), cached until the parameter changes.
 
         Change is seen through the version counter; inference tensors have
         none, and are treated as frozen (weights are not edited mid-serving).
@@ -92,14 +92,19 @@ class MambaMixer(nn.Module):
         cached = getattr(self, "_A_cache", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, -torch.exp(self.A_log.float()))
+                cached = (key, -torch.exp(self.A_log.float()) * LOG2E)
             self._A_cache = cached
         return cached[1]
 
     def step(self, hidden: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
-        """hidden (b, d_model) -> out (b, d_model); both states advance in place."""
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        """hidden (b, d_model) -> out (b, d_model); both states advance in place.
+
+        Called once per layer per generated token, so it calls the functional
+        ops directly rather than going through submodule ``__call__``.
+        """
+        x, z = F.linear(hidden, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
         x = ops.conv_step(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
-        dt, B, C = self._ssm_inputs(x)
+        dt, B, C = torch.split(F.linear(x, self.x_proj.weight), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).float())
         y = ops.ssm_step(ssm_state, x, dt, self._A_for_decode(), B, C, self.D, z)
-        return self.out_proj(y)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias)

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.ops import kernels
-from engine.ops.causal_conv1d import causal_conv1d_step, last_window
+from engine.ops.causal_conv1d import causal_conv1d_step, last_window, time_window
 from engine.ops.causal_conv1d import causal_conv1d as _causal_conv1d_pure
-from engine.ops.selective_scan import initial_state_contribution, selective_state_step
+from engine.ops.selective_scan import LOG2E, initial_state_contribution, selective_state_step
 from engine.ops.selective_scan import selective_scan as _selective_scan_pure
 
 
@@ -49,26 +49,24 @@ def ssm_scan(
     return out.to(x.dtype), h_last
 
 
-def ssm_step(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor) -> Tensor:
-    """One decode step on (b, ·) inputs; ``h`` (b, D, N) advances in place."""
+def ssm_step(h: Tensor, x: Tensor, dt: Tensor, A2: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor) -> Tensor:
+    """One decode step on (b, ·) inputs; ``h`` (b, D, N) advances in place. ``A2 = A * log2(e)``."""
     if kernels.ssm_kernels_for(x):
-        return kernels.selective_state_update(h, x, dt, A, B, C, D.float(), z=z)
+        return kernels.selective_state_update(h, x, dt, A2 / LOG2E, B, C, D.float(), z=z)
     x32 = x.float()
-    y = selective_state_step(h, x32, dt, A, B.float(), C.float())
+    y = selective_state_step(h, x32, dt, A2, B.float(), C.float())
     return (torch.addcmul(y, x32, D) * F.silu(z.float())).to(x.dtype)
 
 
 def conv(
     x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None, lengths: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """silu(causal depthwise conv) over (b, D, L), continuing ``conv_state``; returns (out, new state)."""
+    """silu(causal depthwise conv) over (b, L, D), continuing ``conv_state``; returns (out, new state)."""
     if kernels.conv_kernels_for(x):
-        b, D, L = x.shape
         K = weight.shape[-1]
-        state = x.new_zeros(b, D, K) if conv_state is None else conv_state.to(x.dtype)
-        window = torch.cat([state, x], dim=-1)
-        out = kernels.causal_conv1d_fn(window[..., 1:].contiguous(), weight, bias, activation="silu")[..., K - 1 :]
-        return out, last_window(window, lengths, K)
+        window = time_window(x, conv_state, K)  # (b, K + L, D)
+        out = kernels.causal_conv1d_fn(window[:, 1:].transpose(1, 2).contiguous(), weight, bias, activation="silu")
+        return out[..., K - 1 :].transpose(1, 2), last_window(window, lengths, K)
     return _causal_conv1d_pure(x, weight, bias, conv_state, lengths)
 
 

@@ -1,8 +1,10 @@
 """Pure-PyTorch depthwise causal conv1d with a carried window, plus its step.
 
 The conv state holds the last ``d_conv`` inputs of each channel, newest at
-index -1 (mamba-ssm's layout), so a prefill can continue where an earlier
-prefill or decode stopped.
+index -1 (mamba-ssm's layout, (b, D, K)), so a prefill can continue where an
+earlier prefill or decode stopped. Prefill works on (b, L, D) activations,
+the layout the linear layers produce: with K = 4 taps, K shifted
+multiply-adds are cheaper than transposing twice around ``F.conv1d``.
 """
 
 from __future__ import annotations
@@ -22,31 +24,39 @@ def causal_conv1d(
     """Causal depthwise conv + SiLU over a (right-padded) batch.
 
     Args:
-        x: (b, D, L) inputs.
+        x: (b, L, D) inputs.
         weight: (D, K); bias: (D,) or None.
         conv_state: (b, D, K) window before the first input, or None (zeros).
         lengths: (b,) real length of each row; positions past it are padding.
 
     Returns:
-        out: (b, D, L) = silu(conv(x)).
+        out: (b, L, D) = silu(conv(x)).
         new_state: (b, D, K), the K inputs ending at each row's last real one.
     """
-    b, D, L = x.shape
+    b, L, D = x.shape
     K = weight.shape[-1]
+    window = time_window(x, conv_state, K)  # (b, K + L, D)
+    out = window[:, 1 : 1 + L] * weight[:, 0]
+    for k in range(1, K):
+        out = torch.addcmul(out, window[:, 1 + k : 1 + k + L], weight[:, k])
+    if bias is not None:
+        out = out + bias
+    return F.silu(out), last_window(window, lengths, K)
+
+
+def time_window(x: Tensor, conv_state: Tensor | None, K: int) -> Tensor:
+    """(b, K + L, D): the carried K inputs followed by the new ones."""
     if conv_state is None:
-        conv_state = x.new_zeros(b, D, K)
-    window = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # (b, D, K + L)
-    out = F.conv1d(window[..., 1:], weight.unsqueeze(1), bias, groups=D)
-    new_state = last_window(window, lengths, K)
-    return F.silu(out), new_state
+        return F.pad(x, (0, 0, K, 0))
+    return torch.cat([conv_state.transpose(1, 2).to(x.dtype), x], dim=1)
 
 
 def last_window(window: Tensor, lengths: Tensor | None, K: int) -> Tensor:
-    """The K columns of ``window`` (b, D, K + L) that end at each row's length."""
+    """The K rows of ``window`` (b, K + L, D) ending at each row's length, as (b, D, K)."""
     if lengths is None:
-        return window[..., -K:].clone()
-    idx = lengths.to(window.device).view(-1, 1, 1) + torch.arange(K, device=window.device)
-    return torch.gather(window, 2, idx.expand(-1, window.shape[1], -1))
+        return window[:, -K:].transpose(1, 2).contiguous()
+    idx = lengths.to(window.device).view(-1, 1, 1) + torch.arange(K, device=window.device).view(1, K, 1)
+    return torch.gather(window, 1, idx.expand(-1, -1, window.shape[2])).transpose(1, 2).contiguous()
 
 
 def causal_conv1d_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -168,13 +168,15 @@ def _chunked_scan_inplace(
     return torch.stack(ys, dim=2), carry
 
 
-def selective_state_step(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+def selective_state_step(h: Tensor, x: Tensor, dt: Tensor, A2: Tensor, B: Tensor, C: Tensor) -> Tensor:
     """One decode step for a batch; advances ``h`` (b, D, N) in place.
 
-    x, dt: (b, D); B, C: (b, N). Returns y (b, D) without D skip and gate.
+    x, dt: (b, D); B, C: (b, N); ``A2 = A * log2(e)`` (the exp2 form of A).
+    Returns y (b, D) without D skip and gate.
     """
-    h.mul_(torch.exp2(dt.unsqueeze(-1) * (A * LOG2E))).add_((dt * x).unsqueeze(-1) * B.unsqueeze(-2))
-    return torch.matmul(h, C.unsqueeze(-1)).squeeze(-1)
+    h.mul_(torch.exp2(dt.unsqueeze(-1) * A2))
+    h.baddbmm_((dt * x).unsqueeze(-1), B.unsqueeze(-2))  # + outer(dt * x, B)
+    return torch.bmm(h, C.unsqueeze(-1)).squeeze(-1)
 
 
 def initial_state_contribution(dt: Tensor, A: Tensor, C: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
