@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -66,8 +67,10 @@ class ByteTokenizer:
 class HFTokenizer:
     """A ``tokenizer.json`` through the ``tokenizers`` library.
 
-    Token bytes come from the tokenizer's own decoder applied to the single
-    id (byte-level BPE maps it back to raw bytes), computed once per id.
+    For streaming, each id maps to the bytes it stands for, computed once per
+    id: byte-level BPE (GPT-2/NeoX, what Mamba checkpoints ship) through the
+    byte-to-unicode table; SentencePiece-style vocabularies through their
+    ``\u2581`` space marker and ``<0xNN>`` byte-fallback tokens.
     """
 
     def __init__(self, path: str | Path, eos_token: str | None = None, bos_token: str | None = None):
@@ -93,8 +96,10 @@ class HFTokenizer:
             out = None
         elif self._byte_level:
             out = bytes(_GPT2_UNICODE_TO_BYTE[ch] for ch in token if ch in _GPT2_UNICODE_TO_BYTE)
-        else:
-            out = self._tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        elif _BYTE_FALLBACK.fullmatch(token):
+            out = bytes((int(token[3:5], 16),))
+        else:  # SentencePiece convention: "▁" marks a space
+            out = token.replace("▁", " ").encode("utf-8")
         self._bytes_cache[token_id] = out
         return out
 
@@ -119,6 +124,7 @@ def _gpt2_byte_map() -> dict[str, int]:
 
 
 _GPT2_UNICODE_TO_BYTE = _gpt2_byte_map()
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _is_byte_level(path: Path) -> bool:

@@ -57,7 +57,7 @@ def test_zero_dt_steps_are_identity():
 def test_initial_state_contribution_is_linear_part():
     x, dt, A, B, C, h0 = random_scan_inputs(2, 33, 5, 4, 3)
     y0, hz = selective_scan(x, dt, A, B, C, None)
-    y_extra, h_extra = initial_state_contribution(dt, A, C, h0)
+    y_extra, h_extra = initial_state_contribution(dt, A, C, h0, block=8)
     y, h = selective_scan(x, dt, A, B, C, h0)
     torch.testing.assert_close(y0 + y_extra, y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hz + h_extra, h, atol=1e-5, rtol=1e-5)

@@ -77,3 +77,29 @@ def test_tokenizer_json_round_trip_and_streaming(hf_tokenizer_dir, text):
 def test_default_is_byte_level(tmp_path):
     assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
     assert isinstance(load_tokenizer(None), ByteTokenizer)
+
+
+@pytest.fixture
+def sentencepiece_style_path(tmp_path):
+    """A SentencePiece-style vocabulary: "\u2581" marks spaces, <0xNN> tokens carry bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"<0x{i:02X}>": i for i in range(256)}
+    for ch in "\u2581abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+    merges = [("\u2581", "w"), ("h", "e"), ("l", "l")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    t = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    t.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    t.save(str(tmp_path / "tokenizer.json"))
+    return tmp_path / "tokenizer.json"
+
+
+@given(text=st.text(alphabet="hello wrdé€漢", max_size=40))
+def test_sentencepiece_style_streaming_keeps_spaces_and_bytes(sentencepiece_style_path, text):
+    t = HFTokenizer(sentencepiece_style_path)
+    ids = t.encode(text)
+    dec = IncrementalDecoder(t)
+    assert "".join(dec.push(i) for i in ids) + dec.flush() == t.decode(ids) == text

@@ -179,17 +179,26 @@ def selective_state_step(h: Tensor, x: Tensor, dt: Tensor, A2: Tensor, B: Tensor
     return torch.bmm(h, C.unsqueeze(-1)).squeeze(-1)
 
 
-def initial_state_contribution(dt: Tensor, A: Tensor, C: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+def initial_state_contribution(
+    dt: Tensor, A: Tensor, C: Tensor, h0: Tensor, block: int = 256
+) -> tuple[Tensor, Tensor]:
     """What a non-zero start state adds to a zero-start scan (by linearity).
 
     ``y_t += sum_n C_t[n] * exp(A * cumsum(dt)_t) * h0`` and the final state
-    gains ``exp(A * sum(dt)) * h0``. Used to give start states to kernels that
-    only scan from zero (mamba-ssm's selective_scan_fn).
+    becomes ``exp(A * sum(dt)) * h0`` plus the zero-start one. Used to give
+    start states to kernels that only scan from zero (mamba-ssm's
+    selective_scan_fn). Works in blocks of ``block`` steps so memory stays
+    (b, block, D, N) whatever L is.
 
     dt: (b, L, D), A: (D, N), C: (b, L, N), h0: (b, D, N).
     Returns y_extra (b, L, D) and h_extra (b, D, N).
     """
-    cum = torch.cumsum(dt.float(), dim=1)  # (b, L, D)
-    decay = torch.exp(cum.unsqueeze(-1) * A.float())  # (b, L, D, N)
-    y_extra = torch.einsum("bldn,bdn,bln->bld", decay, h0.float(), C.float())
-    return y_extra, decay[:, -1] * h0.float()
+    A2 = A.float() * LOG2E
+    carry = h0.float()  # the start state decayed to the beginning of the current block
+    ys = []
+    for start in range(0, dt.shape[1], block):
+        cum = torch.cumsum(dt[:, start : start + block].float(), dim=1)  # (b, l, D)
+        decay = torch.exp2(cum.unsqueeze(-1) * A2)  # (b, l, D, N)
+        ys.append(torch.einsum("bldn,bdn,bln->bld", decay, carry, C[:, start : start + block].float()))
+        carry = decay[:, -1] * carry
+    return torch.cat(ys, dim=1), carry
