@@ -51,6 +51,9 @@ def build_models(d_model: int, n_layer: int, vocab: int, folder: Path):
     cfg = transformers.MambaConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layer, state_size=16,
                                    expand=2, conv_kernel=4)
     hf = transformers.MambaForCausalLM(cfg).eval()
+    # No EOS: both sides must generate exactly the greedy tokens, token 0 included.
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
     hf.save_pretrained(folder)
     ours = load_model(folder).model
     return hf, ours
@@ -68,8 +71,7 @@ def ours_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 
 def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    seq = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=0)
+    seq = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False)
     return seq[:, prompt.shape[1] :]
 
 
@@ -131,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=264)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     report = run(args)
