@@ -12,8 +12,9 @@ from engine.modules.mixer import MambaMixer
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight``, computed in float32.
 
-    Written out rather than ``nn.RMSNorm`` because torch's fused CPU kernel
-    costs ~4x more per call on the single-row tensors of a decode step.
+    Written out rather than ``nn.RMSNorm``: on single-row decode tensors
+    torch's CPU kernel cost ~20 us more per call here (about 9% of a
+    4-layer decode step, measured A/B in place).
     """
 
     def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):

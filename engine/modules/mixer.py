@@ -54,8 +54,8 @@ class MambaMixer(nn.Module):
 
     def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """dt (after softplus), B, C from the conv output x (..., d_inner)."""
-        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.softplus(self.dt_proj(dt).float()), B, C
+        dt, B, C = torch.split(F.linear(x, self.x_proj.weight), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).float()), B, C
 
     def forward(
         self,
@@ -104,7 +104,6 @@ class MambaMixer(nn.Module):
         """
         x, z = F.linear(hidden, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
         x = ops.conv_step(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
-        dt, B, C = torch.split(F.linear(x, self.x_proj.weight), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).float())
+        dt, B, C = self._ssm_inputs(x)
         y = ops.ssm_step(ssm_state, x, dt, self._A_for_decode(), B, C, self.D, z)
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)
