@@ -33,6 +33,8 @@ class Tokenizer(Protocol):
 
     def special_id(self, name: str) -> int | None: ...
 
+    def token_repr(self, token_id: int) -> str: ...
+
 
 class ByteTokenizer:
     """256 byte ids plus a few specials; any text round-trips exactly."""
@@ -60,6 +62,14 @@ class ByteTokenizer:
     def special_id(self, name: str) -> int | None:
         return self._special_ids.get(name)
 
+    def token_repr(self, token_id: int) -> str:
+        """A printable form of one token (a byte that is part of a character shows as U+FFFD)."""
+        if 0 <= token_id < 256:
+            return bytes((token_id,)).decode("utf-8", errors="replace")
+        if 256 <= token_id < self.vocab_size:
+            return self.specials[token_id - 256]
+        return f"<|id:{token_id}|>"
+
     def to_json(self) -> dict:
         return {"type": "byte", "specials": self.specials}
 
@@ -79,6 +89,7 @@ class HFTokenizer:
         self._tok = _HFTok.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        self.eos_token, self.bos_token = eos_token or "", bos_token or ""
         self.eos_id = self._tok.token_to_id(eos_token) if eos_token else None
         self.bos_id = self._tok.token_to_id(bos_token) if bos_token else None
         self._bytes_cache: dict[int, bytes | None] = {}
@@ -108,6 +119,12 @@ class HFTokenizer:
 
     def special_id(self, name: str) -> int | None:
         return self._tok.token_to_id(name)
+
+    def token_repr(self, token_id: int) -> str:
+        data = self.token_bytes(token_id)
+        if data is not None:
+            return data.decode("utf-8", errors="replace")
+        return self._tok.id_to_token(token_id) or f"<|id:{token_id}|>"
 
 
 def _gpt2_byte_map() -> dict[str, int]:

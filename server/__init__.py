@@ -1,0 +1,1 @@
+"""CRSM serve HTTP layer: OpenAI-compatible API over the engine. Never touches tensors."""

@@ -1,0 +1,379 @@
+"""FastAPI application: OpenAI-compatible completions and chat, sessions, health, metrics.
+
+The HTTP layer validates, tokenizes, leases sessions and turns engine events
+into OpenAI JSON / SSE. It never touches tensors: everything model-side goes
+through :class:`engine.scheduler.Engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from engine.chat import ChatTemplate, ChatTemplateError
+from engine.sampling import SamplingParams
+from engine.scheduler import Engine, EngineDead, EngineOverloaded, FinishEvent, GenerationRequest, TokenEvent
+from engine.sessions import Session, SessionBusy, SessionNotFound, SessionTooLarge
+from engine.tokenizer import Tokenizer
+from server.errors import APIError, error_body, install_error_handlers
+from server.metrics import Metrics
+from server.schemas import ChatCompletionRequest, CompletionRequest, SessionCreateRequest
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "crsm-default"
+    default_max_tokens: int = 256
+    max_body_bytes: int = 8 << 20
+    api_keys: frozenset[str] = field(default_factory=frozenset)
+    retry_after_seconds: int = 1
+
+
+@dataclass
+class Generation:
+    """One accepted request on its way through the engine."""
+
+    handle: object
+    session: Session | None
+    logprobs: int | None  # None: not asked; else number of alternatives
+    token_ids_as_text: bool
+    started: float = field(default_factory=time.monotonic)
+
+
+def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate, config: ServerConfig,
+               metrics: Metrics | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if not engine.alive:
+            engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="CRSM serve", version="0.1.0", lifespan=lifespan)
+    metrics = metrics or Metrics(config.model_name)
+    metrics.bind_store(lambda: {
+        "sessions": len(engine.sessions), "session_bytes": engine.sessions.nbytes,
+        "prefix_queries": engine.prefix_cache.queries, "prefix_hits": engine.prefix_cache.hits,
+    })
+    app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def _limits_and_error_counts(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            metrics.error(413)
+            return JSONResponse(error_body(413, f"request body over {config.max_body_bytes} bytes"), status_code=413)
+        response = await call_next(request)
+        if response.status_code >= 400:
+            metrics.error(response.status_code)
+        return response
+
+    # Auth -------------------------------------------------------------------
+    def owner_of(request: Request) -> str | None:
+        """The caller's identity for session ownership; 401 without a valid key when keys are set."""
+        if not config.api_keys:
+            return None
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in config.api_keys:
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+        return hashlib.sha256(key.strip().encode()).hexdigest()[:16]
+
+    # Health and info ----------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.alive:
+            return JSONResponse(error_body(503, "engine thread is not running"), status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if not (engine.alive and engine.ready.is_set()):
+            return JSONResponse(error_body(503, "model is loading or warming up"), status_code=503)
+        return JSONResponse({"status": "ready", "model": config.model_name})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(owner: str | None = Depends(owner_of)) -> dict:
+        return {"object": "list", "data": [{
+            "id": config.model_name, "object": "model", "created": int(time.time()), "owned_by": "crsm",
+            "max_model_len": engine.max_context,
+        }]}
+
+    # Sessions -------------------------------------------------------------------
+    @app.post("/v1/sessions")
+    async def create_session(body: SessionCreateRequest | None = None, owner: str | None = Depends(owner_of)) -> dict:
+        return engine.sessions.create(owner, metadata=(body.metadata if body else {})).describe()
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str, owner: str | None = Depends(owner_of)) -> dict:
+        return _session_or_404(lambda: engine.sessions.get(session_id, owner), session_id).describe()
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str, owner: str | None = Depends(owner_of)) -> dict:
+        _session_or_404(lambda: engine.sessions.delete(session_id, owner), session_id)
+        return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+    @app.post("/v1/sessions/{session_id}/fork")
+    async def fork_session(session_id: str, owner: str | None = Depends(owner_of)) -> dict:
+        return _session_or_404(lambda: engine.sessions.fork(session_id, owner), session_id).describe()
+
+    # Generation -------------------------------------------------------------------
+    def check_model(name: str | None) -> None:
+        if name is not None and name != config.model_name:
+            raise APIError(404, f"model '{name}' does not exist; this server serves '{config.model_name}'",
+                           param="model", code="model_not_found")
+
+    def sampling_of(body, logprobs: int | None) -> SamplingParams:
+        if body.presence_penalty or body.frequency_penalty:
+            raise APIError(400, "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
+                           param="presence_penalty" if body.presence_penalty else "frequency_penalty")
+        return SamplingParams(temperature=body.temperature, top_k=max(0, body.top_k), top_p=body.top_p,
+                              repetition_penalty=body.repetition_penalty, seed=body.seed, logprobs=logprobs)
+
+    def start(body, prompt_ids: list[int], owner: str | None, *, max_tokens: int | None, logprobs: int | None,
+              stop_token_ids=(), boundaries=()) -> Generation:
+        check_model(body.model)
+        if not engine.ready.is_set():
+            raise APIError(503, "model is loading or warming up", headers={"Retry-After": "5"})
+        bad = [t for t in prompt_ids if not 0 <= t < engine.vocab]
+        if bad:
+            raise APIError(400, f"token ids out of range [0, {engine.vocab}): {bad[:5]}", param="prompt")
+        params = sampling_of(body, logprobs)
+        session = None
+        if body.session_id is not None:
+            session = _session_or_404(lambda: engine.sessions.lease(body.session_id, owner), body.session_id)
+        history = session.n_tokens if session else 0
+        try:
+            total = history + len(prompt_ids)
+            if not prompt_ids and not (session and session.pending):
+                raise APIError(400, "the prompt is empty", param="prompt")
+            if total >= engine.max_context:
+                raise APIError(400, f"this model's maximum context length is {engine.max_context} tokens; the "
+                                    f"request has {total} ({history} of session history + {len(prompt_ids)} of "
+                                    f"prompt), leaving no room to generate", param="prompt",
+                               code="context_length_exceeded")
+            request = GenerationRequest(
+                prompt_ids=prompt_ids, params=params, max_tokens=max_tokens or config.default_max_tokens,
+                stop=body.stop, stop_token_ids=list(stop_token_ids), ignore_eos=body.ignore_eos, session=session,
+                prefix_boundaries=list(boundaries) if session is None else [],
+            )
+            handle = engine.submit(request)
+        except EngineOverloaded:
+            if session is not None:
+                engine.sessions.release(session)
+            raise APIError(429, "server is at capacity; retry later", code="overloaded",
+                           headers={"Retry-After": str(config.retry_after_seconds)}) from None
+        except EngineDead:
+            if session is not None:
+                engine.sessions.release(session)
+            raise APIError(503, "engine is not running") from None
+        except BaseException:
+            if session is not None:
+                engine.sessions.release(session)
+            raise
+        return Generation(handle, session, logprobs, body.return_tokens_as_token_ids)
+
+    def token_str(tid: int, as_ids: bool) -> str:
+        return f"token_id:{tid}" if as_ids else tokenizer.token_repr(tid)
+
+    def observe(gen: Generation, event: TokenEvent | FinishEvent, last: list[float]) -> None:
+        if isinstance(event, TokenEvent):
+            if last[0] == 0.0:
+                metrics.ttft.observe(event.time - gen.handle.submitted)
+            else:
+                metrics.itl.observe(event.time - last[0])
+            last[0] = event.time
+            metrics.generation_tokens.inc()
+        else:
+            metrics.e2e.observe(event.time - gen.handle.submitted)
+            metrics.prompt_tokens.inc(event.usage.prompt_tokens)
+            metrics.cached_tokens.inc(event.usage.cached_tokens)
+
+    def usage_json(event: FinishEvent) -> dict:
+        u = event.usage
+        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+    def finish_reason(event: FinishEvent) -> str:
+        return {"cancelled": "abort"}.get(event.reason, event.reason)
+
+    # Completions --------------------------------------------------------------------
+    def completion_logprobs(events: list[TokenEvent], as_ids: bool, offset: int) -> dict:
+        tokens, lps, tops, offsets = [], [], [], []
+        pos = offset
+        for ev in events:
+            tokens.append(token_str(ev.token_id, as_ids))
+            lps.append(ev.logprob)
+            tops.append({token_str(t, as_ids): lp for t, lp in ev.top_logprobs} if ev.top_logprobs else None)
+            offsets.append(pos)
+            pos += len(ev.text)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, owner: str | None = Depends(owner_of)):
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        prompt_ids = list(body.prompt) if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
+        gen = start(body, prompt_ids, owner, max_tokens=body.max_tokens, logprobs=body.logprobs)
+        rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+
+        def chunk(text: str, logprobs: dict | None, reason: str | None) -> dict:
+            out = {"id": rid, "object": "text_completion", "created": created, "model": config.model_name,
+                   "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
+            if gen.session is not None:
+                out["session_id"] = gen.session.id
+            return out
+
+        if body.stream:
+            async def stream() -> AsyncIterator[dict]:
+                last, offset = [0.0], 0
+                async for event in _guarded(gen):
+                    observe(gen, event, last)
+                    if isinstance(event, TokenEvent):
+                        lp = completion_logprobs([event], gen.token_ids_as_text, offset) if gen.logprobs is not None else None
+                        offset += len(event.text)
+                        if event.text or lp is not None:
+                            yield {"data": json.dumps(chunk(event.text, lp, None))}
+                    else:
+                        for item in _final_chunks(event, chunk(event.text, None, finish_reason(event)), body,
+                                                  lambda: {**chunk("", None, None), "choices": [],
+                                                           "usage": usage_json(event)}):
+                            yield item
+                yield {"data": "[DONE]"}
+            return EventSourceResponse(stream(), ping=15)
+
+        events, final = await _collect(gen, observe)
+        text = "".join(e.text for e in events) + final.text
+        if final.reason == "error":
+            raise APIError(500, final.error or "generation failed", code="engine_error")
+        body_out = chunk(text, completion_logprobs(events, gen.token_ids_as_text, 0) if gen.logprobs is not None else None,
+                         finish_reason(final))
+        body_out["usage"] = usage_json(final)
+        return body_out
+
+    # Chat ------------------------------------------------------------------------------
+    def chat_logprobs(events: list[TokenEvent], as_ids: bool) -> dict:
+        def entry(tid: int, lp: float) -> dict:
+            data = tokenizer.token_bytes(tid)
+            return {"token": token_str(tid, as_ids), "logprob": lp, "bytes": list(data) if data else None}
+
+        return {"content": [{**entry(ev.token_id, ev.logprob),
+                             "top_logprobs": [entry(t, lp) for t, lp in (ev.top_logprobs or [])]} for ev in events]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request, owner: str | None = Depends(owner_of)):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            rendered = chat_template.render(messages, add_generation_prompt=True)
+        except ChatTemplateError as exc:
+            raise APIError(400, f"chat template: {exc}", param="messages") from None
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        gen = start(body, rendered.token_ids, owner, max_tokens=body.max_completion_tokens or body.max_tokens,
+                    logprobs=logprobs, stop_token_ids=rendered.stop_token_ids, boundaries=rendered.boundaries)
+        rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+
+        def chunk(delta: dict, logprobs: dict | None, reason: str | None) -> dict:
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": config.model_name,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+            if gen.session is not None:
+                out["session_id"] = gen.session.id
+            return out
+
+        if body.stream:
+            async def stream() -> AsyncIterator[dict]:
+                last = [0.0]
+                yield {"data": json.dumps(chunk({"role": "assistant", "content": ""}, None, None))}
+                async for event in _guarded(gen):
+                    observe(gen, event, last)
+                    if isinstance(event, TokenEvent):
+                        lp = chat_logprobs([event], gen.token_ids_as_text) if gen.logprobs is not None else None
+                        if event.text or lp is not None:
+                            yield {"data": json.dumps(chunk({"content": event.text}, lp, None))}
+                    else:
+                        delta = {"content": event.text} if event.text else {}
+                        for item in _final_chunks(event, chunk(delta, None, finish_reason(event)), body,
+                                                  lambda: {**chunk({}, None, None), "choices": [],
+                                                           "usage": usage_json(event)}):
+                            yield item
+                yield {"data": "[DONE]"}
+            return EventSourceResponse(stream(), ping=15)
+
+        events, final = await _collect(gen, observe)
+        if final.reason == "error":
+            raise APIError(500, final.error or "generation failed", code="engine_error")
+        out = {"id": rid, "object": "chat.completion", "created": created, "model": config.model_name,
+               "choices": [{"index": 0, "message": {"role": "assistant",
+                                                    "content": "".join(e.text for e in events) + final.text},
+                            "logprobs": chat_logprobs(events, gen.token_ids_as_text) if gen.logprobs is not None else None,
+                            "finish_reason": finish_reason(final)}],
+               "usage": usage_json(final)}
+        if gen.session is not None:
+            out["session_id"] = gen.session.id
+        return out
+
+    return app
+
+
+def _session_or_404(action, session_id: str):
+    try:
+        return action()
+    except SessionNotFound:
+        raise APIError(404, f"session '{session_id}' not found", param="session_id", code="session_not_found") from None
+    except SessionBusy:
+        raise APIError(409, f"session '{session_id}' is busy with another request", param="session_id",
+                       code="session_busy") from None
+    except SessionTooLarge as exc:
+        raise APIError(413, str(exc), param="session_id") from None
+
+
+async def _guarded(gen: Generation) -> AsyncIterator[TokenEvent | FinishEvent]:
+    """The request's events; if the consumer goes away first (client disconnect), cancel the request."""
+    finished = False
+    try:
+        async for event in gen.handle.events():
+            finished = isinstance(event, FinishEvent)
+            yield event
+    finally:
+        if not finished:
+            gen.handle.cancel()
+
+
+async def _collect(gen: Generation, observe) -> tuple[list[TokenEvent], FinishEvent]:
+    events: list[TokenEvent] = []
+    last = [0.0]
+    async for event in _guarded(gen):
+        observe(gen, event, last)
+        if isinstance(event, TokenEvent):
+            events.append(event)
+        else:
+            return events, event
+    raise asyncio.CancelledError
+
+
+def _final_chunks(event: FinishEvent, last_chunk: dict, body, usage_chunk) -> list[dict]:
+    """The finish chunk (or an error event), then the usage chunk when asked for."""
+    if event.reason == "error":
+        items = [{"data": json.dumps(error_body(500, event.error or "generation failed", code="engine_error"))}]
+    else:
+        items = [{"data": json.dumps(last_chunk)}]
+    if body.stream_options is not None and body.stream_options.include_usage:
+        items.append({"data": json.dumps(usage_chunk())})
+    return items

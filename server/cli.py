@@ -1,0 +1,122 @@
+"""``python -m server`` / ``crsm-serve``: load a checkpoint and serve it.
+
+Every option can also be set through the environment variable named in its
+help (command-line flags win).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    type: type
+    default: object
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "CRSM_" + self.flag.lstrip("-").replace("-", "_").upper()
+
+
+OPTIONS = [
+    Option("--checkpoint", str, str(DEFAULT_CHECKPOINT),
+           "checkpoint folder: ours, a mamba-ssm folder or a Hugging Face MambaForCausalLM folder (detected)"),
+    Option("--host", str, "127.0.0.1", "interface to bind (0.0.0.0 for all)"),
+    Option("--port", int, 8000, "TCP port"),
+    Option("--model-name", str, "", "name reported by /v1/models and expected in requests (default: folder name)"),
+    Option("--max-running", int, 32, "sequences decoded together at most (batch slots)"),
+    Option("--max-waiting", int, 128, "requests queued beyond the running ones before answering 429"),
+    Option("--prefill-chunk", int, 512, "prompt tokens prefilled per engine step, so long prompts do not stall streams"),
+    Option("--max-context", int, 32768, "tokens a sequence (session history + prompt + output) may reach"),
+    Option("--default-max-tokens", int, 256, "max_tokens when a request does not set it"),
+    Option("--session-bytes", int, 1 << 30, "byte budget of cached session states (LRU eviction past it)"),
+    Option("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
+    Option("--prefix-cache-bytes", int, 256 << 20, "byte budget of the automatic chat prefix cache"),
+    Option("--api-key", str, "", "comma-separated API keys; when set, requests need 'Authorization: Bearer <key>'"),
+    Option("--api-keys-file", str, "", "file with one API key per line (added to --api-key)"),
+    Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
+    Option("--threads", int, 0, "torch CPU threads (0: torch's default)"),
+    Option("--log-level", str, "info", "log level: debug, info, warning, error"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="CRSM serve: OpenAI-compatible streaming server for Mamba models with cached session states.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for opt in OPTIONS:
+        raw = os.environ.get(opt.env)
+        default = opt.type(raw) if raw is not None else opt.default
+        parser.add_argument(opt.flag, type=opt.type, default=default, help=f"{opt.help} [env {opt.env}]")
+    return parser.parse_args(argv)
+
+
+def load_api_keys(args: argparse.Namespace) -> frozenset[str]:
+    keys = {k.strip() for k in args.api_key.split(",") if k.strip()}
+    if args.api_keys_file:
+        keys |= {line.strip() for line in Path(args.api_keys_file).read_text().splitlines()
+                 if line.strip() and not line.startswith("#")}
+    return frozenset(keys)
+
+
+def build(args: argparse.Namespace):
+    """Load the model, start the engine, return (app, engine)."""
+    import torch
+
+    from engine.chat import ChatTemplate
+    from engine.checkpoint import load_model
+    from engine.scheduler import Engine
+    from engine.sessions import PrefixCache, SessionStore
+    from server.app import ServerConfig, create_app
+    from server.metrics import Metrics
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if args.dtype not in dtypes:
+        raise SystemExit(f"--dtype must be one of {', '.join(dtypes)}")
+    loaded = load_model(args.checkpoint, dtype=dtypes[args.dtype])
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    metrics = Metrics(name)
+    engine = Engine(
+        loaded.model, loaded.tokenizer, max_running=args.max_running, max_waiting=args.max_waiting,
+        prefill_chunk=args.prefill_chunk, max_context=args.max_context,
+        sessions=SessionStore(max_bytes=args.session_bytes, ttl_seconds=args.session_ttl),
+        prefix_cache=PrefixCache(max_bytes=args.prefix_cache_bytes), observer=metrics,
+    )
+    config = ServerConfig(model_name=name, default_max_tokens=args.default_max_tokens, api_keys=load_api_keys(args))
+    app = create_app(engine, loaded.tokenizer, ChatTemplate.for_checkpoint(loaded.tokenizer, args.checkpoint), config,
+                     metrics)
+    return app, engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not Path(args.checkpoint).is_dir():
+        print(f"error: checkpoint folder {args.checkpoint} does not exist (pass --checkpoint or set CRSM_CHECKPOINT)",
+              file=sys.stderr)
+        return 2
+    from engine.checkpoint import CheckpointError
+
+    try:
+        app, _ = build(args)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

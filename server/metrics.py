@@ -1,0 +1,98 @@
+"""Prometheus metrics (names as in DESIGN.md), fed by the HTTP layer and the engine's observer hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from engine.scheduler import EngineObserver
+
+# ms-scale CPU decoding: buckets start at 1 ms (vLLM's TTFT buckets, extended).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+
+class Metrics(EngineObserver):
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        labels = {"model_name": model_name}
+        self.ttft = Histogram("crsm_time_to_first_token_seconds", "Time from request arrival to its first token",
+                              ["model_name"], buckets=TTFT_BUCKETS, registry=r).labels(**labels)
+        self.itl = Histogram("crsm_inter_token_latency_seconds", "Time between consecutive tokens of a request",
+                             ["model_name"], buckets=ITL_BUCKETS, registry=r).labels(**labels)
+        self.e2e = Histogram("crsm_e2e_request_latency_seconds", "Time from request arrival to its last token",
+                             ["model_name"], buckets=E2E_BUCKETS, registry=r).labels(**labels)
+        self.batch_size = Histogram("crsm_batch_size", "Sequences decoded together in one engine step",
+                                    ["model_name"], buckets=BATCH_BUCKETS, registry=r).labels(**labels)
+        self.running = Gauge("crsm_requests_running", "Requests prefilling or decoding", ["model_name"],
+                             registry=r).labels(**labels)
+        self.waiting = Gauge("crsm_requests_waiting", "Requests queued for a batch slot", ["model_name"],
+                             registry=r).labels(**labels)
+        self.prompt_tokens = Counter("crsm_prompt_tokens", "Prompt tokens of finished requests (cached included)",
+                                     ["model_name"], registry=r).labels(**labels)
+        self.cached_tokens = Counter("crsm_cached_prompt_tokens", "Prompt tokens served from a cached state",
+                                     ["model_name"], registry=r).labels(**labels)
+        self.prefill_tokens = Counter("crsm_prefill_tokens", "Tokens run through prefill", ["model_name"],
+                                      registry=r).labels(**labels)
+        self.generation_tokens = Counter("crsm_generation_tokens", "Generated tokens", ["model_name"],
+                                         registry=r).labels(**labels)
+        self.finished = Counter("crsm_requests_finished", "Finished requests by reason", ["model_name", "reason"],
+                                registry=r)
+        self.errors = Counter("crsm_request_errors", "Error responses by HTTP status", ["model_name", "status"],
+                              registry=r)
+        self._labels = labels
+        self._store_reader: Callable[[], dict[str, int]] | None = None
+        r.register(_StoreCollector(self))
+
+    def bind_store(self, read: Callable[[], dict[str, int]]) -> None:
+        """``read()`` returns sessions, session_bytes, prefix_queries, prefix_hits at scrape time."""
+        self._store_reader = read
+
+    # Engine hooks (engine thread) -------------------------------------
+    def on_step(self, decode_batch: int, prefill_tokens: int, running: int, waiting: int) -> None:
+        if decode_batch:
+            self.batch_size.observe(decode_batch)
+        if prefill_tokens:
+            self.prefill_tokens.inc(prefill_tokens)
+        self.running.set(running)
+        self.waiting.set(waiting)
+
+    def on_finish(self, reason: str) -> None:
+        self.finished.labels(reason=reason, **self._labels).inc()
+
+    # HTTP layer ---------------------------------------------------------
+    def error(self, status: int) -> None:
+        self.errors.labels(status=str(status), **self._labels).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StoreCollector(Collector):
+    """Session and prefix-cache figures, read from the stores when Prometheus scrapes."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    def collect(self):
+        read = self._metrics._store_reader
+        if read is None:
+            return
+        values = read()
+        label = [self._metrics._labels["model_name"]]
+        for name, doc, key, family in (
+            ("crsm_sessions_cached", "Sessions held in the store", "sessions", GaugeMetricFamily),
+            ("crsm_session_bytes", "Bytes of the states held by sessions", "session_bytes", GaugeMetricFamily),
+            ("crsm_prefix_cache_queries", "Chat prefix-cache lookups", "prefix_queries", CounterMetricFamily),
+            ("crsm_prefix_cache_hits", "Chat prefix-cache lookups that found a state", "prefix_hits",
+             CounterMetricFamily),
+        ):
+            metric = family(name, doc, labels=["model_name"])
+            metric.add_metric(label, values[key])
+            yield metric

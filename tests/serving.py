@@ -1,0 +1,80 @@
+"""Helpers for integration tests: a real uvicorn on 127.0.0.1 with a tiny checkpoint."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from engine.checkpoint import save_checkpoint
+from engine.tokenizer import ByteTokenizer
+from tests.conftest import make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    """A small random byte-level model; deterministic, so greedy outputs can be compared."""
+    return save_checkpoint(make_model(seed=11, d_model=32, n_layer=2, vocab_size=ByteTokenizer().vocab_size), folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(checkpoint: Path, *args: str, env: dict | None = None, timeout: float = 60.0):
+    """Start ``python -m server`` on a free loopback port; yield its base URL; stop it."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+           "--port", str(port), "--model-name", "tiny", "--log-level", "warning", "--threads", "1", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{proc.stdout.read()}")
+            try:
+                if httpx.get(url + "/ready", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, label_text = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(value)
+            found = True
+    if not found:
+        raise KeyError(name)
+    return total
