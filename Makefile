@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: test bench venv clean
+.PHONY: serve test bench loadtest venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ $(STAMP): $(PY) pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+serve: $(STAMP)
+	$(PY) -m server $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -107,28 +107,28 @@ def sample(
     device = logits.device
     logprobs_all = torch.log_softmax(logits, dim=-1)
 
-    penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
     work = logits
-    if seen is not None and bool((penalty != 1.0).any()):
+    if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
         work = apply_repetition_penalty(work, seen, penalty)
 
-    greedy = torch.tensor([p.greedy for p in params], device=device)
     chosen = torch.argmax(work, dim=-1)
-    if not bool(greedy.all()):
+    if not all(p.greedy for p in params):  # the all-greedy batch stops here: one argmax
+        greedy = torch.tensor([p.greedy for p in params], device=device)
         temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
         work = work / temperature.unsqueeze(-1)
-        top_k = torch.tensor([p.top_k for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            top_k = torch.tensor([p.top_k for p in params], device=device)
+            top_p = torch.tensor([p.top_p for p in params], device=device)
             work = _truncate(work, top_k, top_p)
         probs = torch.softmax(work, dim=-1)
-        noise = torch.empty_like(probs)
-        shared = [i for i in range(B) if not (generators and generators[i] is not None)]
-        if shared:
-            noise[shared] = torch.empty(len(shared), V, device=device).exponential_()
-        for i in range(B):
-            if generators and generators[i] is not None:
-                noise[i].exponential_(generator=generators[i])
+        own = [i for i in range(B) if generators is not None and generators[i] is not None]
+        if len(own) == B:
+            noise = torch.empty_like(probs)
+        else:
+            noise = torch.empty_like(probs).exponential_()  # rows without a private generator share the default
+        for i in own:
+            noise[i].exponential_(generator=generators[i])
         sampled = torch.argmax(probs / noise, dim=-1)
         chosen = torch.where(greedy, chosen, sampled)
 

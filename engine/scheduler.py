@@ -100,7 +100,8 @@ class RequestHandle:
 
     _ids = itertools.count()
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, outbox: dict):
+        self._outbox = outbox
         self.id = next(self._ids)
         self.request = request
         self.loop = loop
@@ -113,10 +114,8 @@ class RequestHandle:
         self.cancelled.set()
 
     def _emit(self, event: TokenEvent | FinishEvent) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancelled.set()
+        """Queue an event for delivery (engine thread); :meth:`Engine._flush` hands it to the event loop."""
+        self._outbox.setdefault(self.loop, []).append((self, event))
 
     async def events(self) -> AsyncIterator[TokenEvent | FinishEvent]:
         """Events until (and including) the FinishEvent."""
@@ -125,6 +124,11 @@ class RequestHandle:
             yield event
             if isinstance(event, FinishEvent):
                 return
+
+
+def _deliver(items: list[tuple[RequestHandle, object]]) -> None:
+    for handle, event in items:
+        handle.queue.put_nowait(event)
 
 
 class _StopMatcher:
@@ -207,6 +211,9 @@ class Engine:
         self._prefilling: list[_Sequence] = []
         self._decoding: list[_Sequence] = []  # row i of self._batch belongs to self._decoding[i]
         self._batch: MambaState | None = None
+        # Events of the current step, per event loop: delivered with one call_soon_threadsafe
+        # per loop and step rather than one per token (each wakes the loop and takes the GIL).
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, object]]] = {}
         self._thread: threading.Thread | None = None
         self._stop = False
         self.ready = threading.Event()
@@ -244,7 +251,7 @@ class Engine:
             raise EngineDead("the engine thread is not running")
         if not request.prompt_ids and (request.session is None or not request.session.pending):
             raise ValueError("nothing to feed: the prompt is empty")
-        handle = RequestHandle(request, loop or asyncio.get_running_loop())
+        handle = RequestHandle(request, loop or asyncio.get_running_loop(), self._outbox)
         with self._wake:
             if self.num_running + self.num_waiting >= self.max_running + self.max_waiting:
                 raise EngineOverloaded(f"{self.num_running} running and {self.num_waiting} waiting")
@@ -274,12 +281,23 @@ class Engine:
                         log.exception("engine step failed")
                         self.failures += 1
                         self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+                    self._flush()
         except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
             log.exception("engine thread died")
             self.error = exc
             self._fail_all(f"engine failure: {exc}")
+            self._flush()
         finally:
             self.ready.clear()
+
+    def _flush(self) -> None:
+        while self._outbox:
+            loop, items = self._outbox.popitem()
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody listens to these requests any more
+                for handle, _ in items:
+                    handle.cancelled.set()
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._decoding)
@@ -361,9 +379,8 @@ class Engine:
             finished = [chosen[r][0] for r in done_rows]
             for seq in finished:
                 self._prefilling.remove(seq)
-            out = self._sample([s for s in finished], logits[done_rows])
-            for i, seq in enumerate(finished):
-                self._accept(seq, out, i)
+            self._accept_all(finished, self._sample(finished, logits[done_rows]))
+            for seq in finished:
                 if seq.finished is None:
                     self._join_decode(seq)
                 else:
@@ -391,10 +408,9 @@ class Engine:
         n = len(seqs)
         tokens = torch.tensor([s.last_token for s in seqs])
         logits = self.model.step(tokens, self._batch_view(n))
-        out = self._sample(seqs, logits)
-        for i, seq in enumerate(seqs):
+        for seq in seqs:
             seq.history += 1  # last_token is now in the state
-            self._accept(seq, out, i)
+        self._accept_all(seqs, self._sample(seqs, logits))
         for seq in [s for s in seqs if s.finished is not None]:
             self._leave_decode(seq)
 
@@ -415,24 +431,28 @@ class Engine:
         return sample(logits, [s.req.params for s in seqs], [s.generator for s in seqs], seen=seen)
 
     # Token bookkeeping -----------------------------------------------------
-    def _accept(self, seq: _Sequence, out: SampleOutput, row: int) -> None:
-        token = int(out.token_ids[row])
+    def _accept_all(self, seqs: Sequence[_Sequence], out: SampleOutput) -> None:
+        """Book one sampled token per sequence (tensors converted to Python once per step)."""
+        tokens, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        now = time.monotonic()
+        for row, seq in enumerate(seqs):
+            k = seq.req.params.logprobs
+            top = list(zip(top_ids[row][:k], top_lps[row][:k])) if top_ids is not None and k else None
+            self._accept(seq, tokens[row], logprobs[row], top, now)
+
+    def _accept(self, seq: _Sequence, token: int, logprob: float, top: list | None, now: float) -> None:
         seq.generated.append(token)
         seq.last_token = token
         if seq.seen is not None and token < self.vocab:
             seq.seen[token] = True
-        top = None
-        if out.top_ids is not None and seq.req.params.logprobs:
-            k = seq.req.params.logprobs
-            top = list(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()))
-        now = time.monotonic()
-        is_eos = token == self.eos_id and not seq.req.ignore_eos
-        if is_eos or token in seq.req.stop_token_ids:
-            seq.handle._emit(TokenEvent(token, "", float(out.logprobs[row]), top, now))
+        if (token == self.eos_id and not seq.req.ignore_eos) or token in seq.req.stop_token_ids:
+            seq.handle._emit(TokenEvent(token, "", logprob, top, now))
             self._finish(seq, "stop")
             return
         text, stopped = seq.stops.feed(seq.decoder.push(token))
-        seq.handle._emit(TokenEvent(token, text, float(out.logprobs[row]), top, now))
+        seq.handle._emit(TokenEvent(token, text, logprob, top, now))
         if stopped:
             self._finish(seq, "stop", flush=False)
         elif len(seq.generated) >= seq.req.max_tokens or seq.history + 1 + len(seq.to_feed) >= self.max_context:

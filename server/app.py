@@ -17,8 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from sse_starlette.sse import EventSourceResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.chat import ChatTemplate, ChatTemplateError
 from engine.sampling import SamplingParams
@@ -243,22 +242,28 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
             return out
 
         if body.stream:
-            async def stream() -> AsyncIterator[dict]:
+            async def stream() -> AsyncIterator[bytes]:
                 last, offset = [0.0], 0
-                async for event in _guarded(gen):
-                    observe(gen, event, last)
-                    if isinstance(event, TokenEvent):
-                        lp = completion_logprobs([event], gen.token_ids_as_text, offset) if gen.logprobs is not None else None
-                        offset += len(event.text)
-                        if event.text or lp is not None:
-                            yield {"data": json.dumps(chunk(event.text, lp, None))}
-                    else:
-                        for item in _final_chunks(event, chunk(event.text, None, finish_reason(event)), body,
-                                                  lambda: {**chunk("", None, None), "choices": [],
-                                                           "usage": usage_json(event)}):
-                            yield item
-                yield {"data": "[DONE]"}
-            return EventSourceResponse(stream(), ping=15)
+                text_chunk = _ChunkTemplate(chunk("", None, None), ("choices", 0, "text"))
+                async for batch in _batches(gen):
+                    out = []
+                    for event in batch:
+                        observe(gen, event, last)
+                        if isinstance(event, TokenEvent):
+                            if gen.logprobs is not None:
+                                lp = completion_logprobs([event], gen.token_ids_as_text, offset)
+                                out.append(_sse(chunk(event.text, lp, None)))
+                            elif event.text:
+                                out.append(text_chunk.render(event.text))
+                            offset += len(event.text)
+                        else:
+                            out += _final_chunks(event, chunk(event.text, None, finish_reason(event)), body,
+                                                 lambda: {**chunk("", None, None), "choices": [],
+                                                          "usage": usage_json(event)})
+                            out.append(SSE_DONE)
+                    if out:
+                        yield b"".join(out)
+            return _event_stream(stream())
 
         events, final = await _collect(gen, observe)
         text = "".join(e.text for e in events) + final.text
@@ -298,23 +303,29 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
             return out
 
         if body.stream:
-            async def stream() -> AsyncIterator[dict]:
+            async def stream() -> AsyncIterator[bytes]:
                 last = [0.0]
-                yield {"data": json.dumps(chunk({"role": "assistant", "content": ""}, None, None))}
-                async for event in _guarded(gen):
-                    observe(gen, event, last)
-                    if isinstance(event, TokenEvent):
-                        lp = chat_logprobs([event], gen.token_ids_as_text) if gen.logprobs is not None else None
-                        if event.text or lp is not None:
-                            yield {"data": json.dumps(chunk({"content": event.text}, lp, None))}
-                    else:
-                        delta = {"content": event.text} if event.text else {}
-                        for item in _final_chunks(event, chunk(delta, None, finish_reason(event)), body,
-                                                  lambda: {**chunk({}, None, None), "choices": [],
-                                                           "usage": usage_json(event)}):
-                            yield item
-                yield {"data": "[DONE]"}
-            return EventSourceResponse(stream(), ping=15)
+                text_chunk = _ChunkTemplate(chunk({"content": ""}, None, None), ("choices", 0, "delta", "content"))
+                yield _sse(chunk({"role": "assistant", "content": ""}, None, None))
+                async for batch in _batches(gen):
+                    out = []
+                    for event in batch:
+                        observe(gen, event, last)
+                        if isinstance(event, TokenEvent):
+                            if gen.logprobs is not None:
+                                lp = chat_logprobs([event], gen.token_ids_as_text)
+                                out.append(_sse(chunk({"content": event.text}, lp, None)))
+                            elif event.text:
+                                out.append(text_chunk.render(event.text))
+                        else:
+                            delta = {"content": event.text} if event.text else {}
+                            out += _final_chunks(event, chunk(delta, None, finish_reason(event)), body,
+                                                 lambda: {**chunk({}, None, None), "choices": [],
+                                                          "usage": usage_json(event)})
+                            out.append(SSE_DONE)
+                    if out:
+                        yield b"".join(out)
+            return _event_stream(stream())
 
         events, final = await _collect(gen, observe)
         if final.reason == "error":
@@ -344,13 +355,48 @@ def _session_or_404(action, session_id: str):
         raise APIError(413, str(exc), param="session_id") from None
 
 
-async def _guarded(gen: Generation) -> AsyncIterator[TokenEvent | FinishEvent]:
-    """The request's events; if the consumer goes away first (client disconnect), cancel the request."""
+SSE_DONE = b"data: [DONE]\n\n"
+_TEXT_MARK = "\x00crsm-text\x00"
+
+
+def _sse(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _ChunkTemplate:
+    """A chunk serialised once with a marker where the text goes; each token only JSON-escapes its text."""
+
+    def __init__(self, chunk: dict, path: tuple):
+        node = chunk
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = _TEXT_MARK
+        head, _, tail = _sse(chunk).partition(json.dumps(_TEXT_MARK).encode())
+        self._head, self._tail = head, tail
+
+    def render(self, text: str) -> bytes:
+        return self._head + json.dumps(text).encode() + self._tail
+
+
+def _event_stream(body: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _batches(gen: Generation) -> AsyncIterator[list[TokenEvent | FinishEvent]]:
+    """The request's events, in batches of whatever has arrived (one write per batch).
+
+    If the consumer goes away first (client disconnect), the request is cancelled.
+    """
+    queue = gen.handle.queue
     finished = False
     try:
-        async for event in gen.handle.events():
-            finished = isinstance(event, FinishEvent)
-            yield event
+        while not finished:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            finished = isinstance(batch[-1], FinishEvent)
+            yield batch
     finally:
         if not finished:
             gen.handle.cancel()
@@ -359,21 +405,22 @@ async def _guarded(gen: Generation) -> AsyncIterator[TokenEvent | FinishEvent]:
 async def _collect(gen: Generation, observe) -> tuple[list[TokenEvent], FinishEvent]:
     events: list[TokenEvent] = []
     last = [0.0]
-    async for event in _guarded(gen):
-        observe(gen, event, last)
-        if isinstance(event, TokenEvent):
-            events.append(event)
-        else:
-            return events, event
+    async for batch in _batches(gen):
+        for event in batch:
+            observe(gen, event, last)
+            if isinstance(event, TokenEvent):
+                events.append(event)
+            else:
+                return events, event
     raise asyncio.CancelledError
 
 
-def _final_chunks(event: FinishEvent, last_chunk: dict, body, usage_chunk) -> list[dict]:
+def _final_chunks(event: FinishEvent, last_chunk: dict, body, usage_chunk) -> list[bytes]:
     """The finish chunk (or an error event), then the usage chunk when asked for."""
     if event.reason == "error":
-        items = [{"data": json.dumps(error_body(500, event.error or "generation failed", code="engine_error"))}]
+        items = [_sse(error_body(500, event.error or "generation failed", code="engine_error"))]
     else:
-        items = [{"data": json.dumps(last_chunk)}]
+        items = [_sse(last_chunk)]
     if body.stream_options is not None and body.stream_options.include_usage:
-        items.append({"data": json.dumps(usage_chunk())})
+        items.append(_sse(usage_chunk()))
     return items
