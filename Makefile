@@ -30,5 +30,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m loadtest.bench_engine --out loadtest/results/bench_engine.json
 
+loadtest: $(STAMP)
+	$(PY) -m loadtest.bench_serving --out loadtest/results/bench_serving.json
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,8 +65,12 @@ def start_server(checkpoint: Path, port: int, extra: list[str]) -> subprocess.Po
     raise RuntimeError("server not ready")
 
 
-async def in_process_tokens_per_second(checkpoint: Path, prompt: str, max_tokens: int, repeats: int) -> float:
-    """The engine alone: same checkpoint, same request, events consumed in-process."""
+async def single_stream_pair(checkpoint: Path, url: str, prompt: str, max_tokens: int, repeats: int) -> tuple[float, float]:
+    """Median tokens/s of one stream over SSE and of the same request on an in-process engine.
+
+    The two are measured alternately (the server idles while the in-process
+    engine runs and the reverse), so drifts of a shared machine hit both.
+    """
     from engine.checkpoint import load_model
     from engine.sampling import SamplingParams
     from engine.scheduler import Engine, GenerationRequest
@@ -75,32 +80,29 @@ async def in_process_tokens_per_second(checkpoint: Path, prompt: str, max_tokens
     engine.start()
     while not engine.ready.is_set():
         await asyncio.sleep(0.01)
-    rates = []
+    sse_rates, engine_rates = [], []
     try:
-        for _ in range(repeats + 1):
-            handle = engine.submit(GenerationRequest(prompt_ids=loaded.tokenizer.encode(prompt), max_tokens=max_tokens,
-                                                     ignore_eos=True, params=SamplingParams(temperature=1.0)))
-            t0 = time.perf_counter()
-            n = 0
-            async for event in handle.events():
-                n += 1
-            rates.append((n - 1) / (time.perf_counter() - t0))
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            for i in range(repeats + 1):
+                body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                        "stream": True}
+                t0 = time.perf_counter()
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    async for _ in r.aiter_lines():
+                        pass
+                sse = max_tokens / (time.perf_counter() - t0)
+                handle = engine.submit(GenerationRequest(prompt_ids=loaded.tokenizer.encode(prompt),
+                                                         max_tokens=max_tokens, ignore_eos=True,
+                                                         params=SamplingParams(temperature=1.0)))
+                t0 = time.perf_counter()
+                async for _ in handle.events():
+                    pass
+                if i:  # the first pair warms both up
+                    sse_rates.append(sse)
+                    engine_rates.append(max_tokens / (time.perf_counter() - t0))
     finally:
         engine.shutdown()
-    return sorted(rates[1:])[len(rates[1:]) // 2]
-
-
-async def sse_tokens_per_second(url: str, prompt: str, max_tokens: int, repeats: int) -> float:
-    rates = []
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        for _ in range(repeats + 1):
-            body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
-            t0 = time.perf_counter()
-            async with client.stream("POST", "/v1/completions", json=body) as r:
-                async for _ in r.aiter_lines():
-                    pass
-            rates.append(max_tokens / (time.perf_counter() - t0))
-    return sorted(rates[1:])[len(rates[1:]) // 2]
+    return statistics.median(sse_rates), statistics.median(engine_rates)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,11 +140,10 @@ def main(argv: list[str] | None = None) -> None:
                       f"({row['resumed_vs_no_history']:.2f}x of no history), re-sent {row['resent_ttft_s'] * 1e3:.1f} ms",
                       flush=True)
             prompt = "x" * args.prompt_chars
-            sse = asyncio.run(sse_tokens_per_second(url, prompt, 256, args.repeats))
+            sse, engine_rate = asyncio.run(single_stream_pair(checkpoint, url, prompt, 256, args.repeats))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-        engine_rate = asyncio.run(in_process_tokens_per_second(checkpoint, prompt, 256, args.repeats))
         print(f"single stream: SSE {sse:.0f} tok/s, in-process engine {engine_rate:.0f} tok/s", flush=True)
 
     one = load["1"]["output_token_throughput"]

@@ -31,10 +31,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(checkpoint: Path, *args: str, env: dict | None = None, timeout: float = 60.0):
-    """Start ``python -m server`` on a free loopback port; yield its base URL; stop it."""
+def running_server(checkpoint: Path | None, *args: str, env: dict | None = None, timeout: float = 60.0):
+    """Start ``python -m server`` on a free loopback port (default checkpoint if None); yield its URL; stop it."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+    ckpt = ["--checkpoint", str(checkpoint)] if checkpoint is not None else []
+    cmd = [sys.executable, "-m", "server", *ckpt, "--host", "127.0.0.1",
            "--port", str(port), "--model-name", "tiny", "--log-level", "warning", "--threads", "1", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

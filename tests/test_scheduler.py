@@ -149,7 +149,7 @@ def test_session_store_bounds():
     one = shape_model.allocate_state(1)
     store = SessionStore(max_bytes=one.nbytes * 2, ttl_seconds=10, clock=lambda: clock[0])
     sessions = []
-    for i in range(3):
+    for _ in range(3):
         s = store.create("me")
         store.lease(s.id, "me")
         store.release(s, state=one.clone(), pending=[1], n_tokens=2)

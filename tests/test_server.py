@@ -320,3 +320,17 @@ def test_cli_help_and_missing_checkpoint(tmp_path):
     out = subprocess.run([sys.executable, "-m", "server", "--checkpoint", str(tmp_path / "none")],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_default_checkpoint_is_served_without_arguments():
+    """What `make serve` runs: no --checkpoint, the shipped default, verified and generating."""
+    from engine.checkpoint import verify_checkpoint
+    from server.cli import DEFAULT_CHECKPOINT
+
+    manifest = verify_checkpoint(DEFAULT_CHECKPOINT)
+    assert manifest["record"]["stage"] == "backbone" and manifest["record"]["val_bits_per_byte"] < 2.0
+    with running_server(None) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+        out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is a module?"}],
+                                             max_tokens=20, temperature=0)
+        assert out.choices[0].message.content and out.usage.prompt_tokens > 0
