@@ -85,29 +85,34 @@ class SessionStore:
             self._expire_locked()
             return sum(s.nbytes for s in self._sessions.values())
 
+    def _owned_locked(self, session_id: str, owner: str | None) -> Session:
+        """The session if it exists and belongs to ``owner``: another owner sees it as missing."""
+        self._expire_locked()
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            raise SessionNotFound(session_id)
+        return session
+
     def get(self, session_id: str, owner: str | None) -> Session:
-        """The session, if it exists and belongs to ``owner`` (others see it as missing)."""
         with self._lock:
-            self._expire_locked()
-            session = self._sessions.get(session_id)
-            if session is None or session.owner != owner:
-                raise SessionNotFound(session_id)
-            return session
+            return self._owned_locked(session_id, owner)
 
     # Mutations --------------------------------------------------------
+    def _add_locked(self, owner: str | None, state: MambaState | None, pending: list[int], n_tokens: int,
+                    metadata: dict) -> Session:
+        session = Session(id="sess-" + secrets.token_hex(12), owner=owner, state=state, pending=pending,
+                          n_tokens=n_tokens, last_used=self._clock(), metadata=metadata)
+        self._sessions[session.id] = session
+        return session
+
     def create(self, owner: str | None, metadata: dict | None = None) -> Session:
         with self._lock:
             self._expire_locked()
-            session = Session(id="sess-" + secrets.token_hex(12), owner=owner, state=None,
-                              last_used=self._clock(), metadata=dict(metadata or {}))
-            self._sessions[session.id] = session
-            return session
+            return self._add_locked(owner, None, [], 0, dict(metadata or {}))
 
     def delete(self, session_id: str, owner: str | None) -> None:
         with self._lock:
-            session = self._sessions.get(session_id)
-            if session is None or session.owner != owner:
-                raise SessionNotFound(session_id)
+            session = self._owned_locked(session_id, owner)
             if session.busy:
                 raise SessionBusy(session_id)
             del self._sessions[session_id]
@@ -115,31 +120,19 @@ class SessionStore:
     def fork(self, session_id: str, owner: str | None) -> Session:
         """A new session with a copy of the state (the parent must be idle)."""
         with self._lock:
-            parent = self._sessions.get(session_id)
-            if parent is None or parent.owner != owner:
-                raise SessionNotFound(session_id)
+            parent = self._owned_locked(session_id, owner)
             if parent.busy:
                 raise SessionBusy(session_id)
-            child = Session(
-                id="sess-" + secrets.token_hex(12),
-                owner=owner,
-                state=None if parent.state is None else parent.state.clone(),
-                pending=list(parent.pending),
-                n_tokens=parent.n_tokens,
-                last_used=self._clock(),
-                metadata={**parent.metadata, "forked_from": parent.id},
-            )
-            self._sessions[child.id] = child
+            child = self._add_locked(owner, None if parent.state is None else parent.state.clone(),
+                                     list(parent.pending), parent.n_tokens,
+                                     {**parent.metadata, "forked_from": parent.id})
             self._evict_locked(keep=child.id)
             return child
 
     def lease(self, session_id: str, owner: str | None) -> Session:
         """Mark the session busy for one request; :class:`SessionBusy` if it already is."""
         with self._lock:
-            self._expire_locked()
-            session = self._sessions.get(session_id)
-            if session is None or session.owner != owner:
-                raise SessionNotFound(session_id)
+            session = self._owned_locked(session_id, owner)
             if session.busy:
                 raise SessionBusy(session_id)
             session.busy = True

@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
@@ -242,28 +242,21 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
             return out
 
         if body.stream:
-            async def stream() -> AsyncIterator[bytes]:
-                last, offset = [0.0], 0
-                text_chunk = _ChunkTemplate(chunk("", None, None), ("choices", 0, "text"))
-                async for batch in _batches(gen):
-                    out = []
-                    for event in batch:
-                        observe(gen, event, last)
-                        if isinstance(event, TokenEvent):
-                            if gen.logprobs is not None:
-                                lp = completion_logprobs([event], gen.token_ids_as_text, offset)
-                                out.append(_sse(chunk(event.text, lp, None)))
-                            elif event.text:
-                                out.append(text_chunk.render(event.text))
-                            offset += len(event.text)
-                        else:
-                            out += _final_chunks(event, chunk(event.text, None, finish_reason(event)), body,
-                                                 lambda: {**chunk("", None, None), "choices": [],
-                                                          "usage": usage_json(event)})
-                            out.append(SSE_DONE)
-                    if out:
-                        yield b"".join(out)
-            return _event_stream(stream())
+            offset = 0
+
+            def with_logprobs(event: TokenEvent) -> bytes:
+                nonlocal offset
+                lp = completion_logprobs([event], gen.token_ids_as_text, offset)
+                offset += len(event.text)
+                return _sse(chunk(event.text, lp, None))
+
+            return _event_stream(_sse_events(
+                gen, body, observe, head=[],
+                text_chunk=_ChunkTemplate(chunk("", None, None), ("choices", 0, "text")),
+                logprob_chunk=with_logprobs if gen.logprobs is not None else None,
+                finish_chunk=lambda event: chunk(event.text, None, finish_reason(event)),
+                usage_chunk=lambda event: {**chunk("", None, None), "choices": [], "usage": usage_json(event)},
+            ))
 
         events, final = await _collect(gen, observe)
         text = "".join(e.text for e in events) + final.text
@@ -303,29 +296,16 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
             return out
 
         if body.stream:
-            async def stream() -> AsyncIterator[bytes]:
-                last = [0.0]
-                text_chunk = _ChunkTemplate(chunk({"content": ""}, None, None), ("choices", 0, "delta", "content"))
-                yield _sse(chunk({"role": "assistant", "content": ""}, None, None))
-                async for batch in _batches(gen):
-                    out = []
-                    for event in batch:
-                        observe(gen, event, last)
-                        if isinstance(event, TokenEvent):
-                            if gen.logprobs is not None:
-                                lp = chat_logprobs([event], gen.token_ids_as_text)
-                                out.append(_sse(chunk({"content": event.text}, lp, None)))
-                            elif event.text:
-                                out.append(text_chunk.render(event.text))
-                        else:
-                            delta = {"content": event.text} if event.text else {}
-                            out += _final_chunks(event, chunk(delta, None, finish_reason(event)), body,
-                                                 lambda: {**chunk({}, None, None), "choices": [],
-                                                          "usage": usage_json(event)})
-                            out.append(SSE_DONE)
-                    if out:
-                        yield b"".join(out)
-            return _event_stream(stream())
+            return _event_stream(_sse_events(
+                gen, body, observe, head=[_sse(chunk({"role": "assistant", "content": ""}, None, None))],
+                text_chunk=_ChunkTemplate(chunk({"content": ""}, None, None), ("choices", 0, "delta", "content")),
+                logprob_chunk=(lambda event: _sse(chunk({"content": event.text},
+                                                        chat_logprobs([event], gen.token_ids_as_text), None)))
+                if gen.logprobs is not None else None,
+                finish_chunk=lambda event: chunk({"content": event.text} if event.text else {}, None,
+                                                 finish_reason(event)),
+                usage_chunk=lambda event: {**chunk({}, None, None), "choices": [], "usage": usage_json(event)},
+            ))
 
         events, final = await _collect(gen, observe)
         if final.reason == "error":
@@ -381,6 +361,30 @@ class _ChunkTemplate:
 def _event_stream(body: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _sse_events(gen: Generation, body, observe, *, head: list[bytes], text_chunk: _ChunkTemplate,
+                      logprob_chunk: Callable[[TokenEvent], bytes] | None,
+                      finish_chunk: Callable[[FinishEvent], dict],
+                      usage_chunk: Callable[[FinishEvent], dict]) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed completion or chat completion: one write per batch of events."""
+    for item in head:
+        yield item
+    last = [0.0]
+    async for batch in _batches(gen):
+        out: list[bytes] = []
+        for event in batch:
+            observe(gen, event, last)
+            if isinstance(event, TokenEvent):
+                if logprob_chunk is not None:
+                    out.append(logprob_chunk(event))
+                elif event.text:
+                    out.append(text_chunk.render(event.text))
+            else:
+                out += _final_chunks(event, finish_chunk(event), body, lambda event=event: usage_chunk(event))
+                out.append(SSE_DONE)
+        if out:
+            yield b"".join(out)
 
 
 async def _batches(gen: Generation) -> AsyncIterator[list[TokenEvent | FinishEvent]]:
