@@ -352,3 +352,20 @@ def test_hf_folder_without_tokenizer_streams_ids(tmp_path):
         ids = token_ids(out)
         assert len(ids) == 8 and any(i >= 263 for i in ids)
         assert out["usage"]["completion_tokens"] == 8
+
+
+def test_load_generator_against_the_live_server(url, tmp_path):
+    from loadtest.run import main as loadtest_main
+
+    out = tmp_path / "run.json"
+    loadtest_main(["--url", url, "--concurrency", "3", "--max-requests", "6", "--duration", "30", "--max-tokens", "8",
+                   "--prompt-chars", "40", "--out", str(out), "--plot", str(tmp_path / "run.png")])
+    report = json.loads(out.read_text())
+    assert report["completed"] == 6 and report["errors"] == {}
+    assert report["ttft_seconds"]["p50"] > 0 and report["itl_seconds"]["p99"] >= report["itl_seconds"]["p50"]
+    assert all(r["completion_tokens"] == 8 for r in report["records"])
+    assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
+    loadtest_main(["--url", url, "--scenario", "resume", "--history", "0,200", "--repeats", "1", "--prompt-chars", "16",
+                   "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["history_chars"] for r in rows] == [0, 200] and all(r["resumed_ttft_s"] > 0 for r in rows)
