@@ -69,16 +69,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _limits_and_error_counts(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            metrics.error(413)
-            return JSONResponse(error_body(413, f"request body over {config.max_body_bytes} bytes"), status_code=413)
-        response = await call_next(request)
-        if response.status_code >= 400:
-            metrics.error(response.status_code)
-        return response
+    app.add_middleware(_LimitsAndErrorCounts, metrics=metrics, max_body_bytes=config.max_body_bytes)
 
     # Auth -------------------------------------------------------------------
     def owner_of(request: Request) -> str | None:
@@ -258,7 +249,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
                 usage_chunk=lambda event: {**chunk("", None, None), "choices": [], "usage": usage_json(event)},
             ))
 
-        events, final = await _collect(gen, observe)
+        events, final = await _collect(gen, observe, request)
         text = "".join(e.text for e in events) + final.text
         if final.reason == "error":
             raise APIError(500, final.error or "generation failed", code="engine_error")
@@ -307,7 +298,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
                 usage_chunk=lambda event: {**chunk({}, None, None), "choices": [], "usage": usage_json(event)},
             ))
 
-        events, final = await _collect(gen, observe)
+        events, final = await _collect(gen, observe, request)
         if final.reason == "error":
             raise APIError(500, final.error or "generation failed", code="engine_error")
         out = {"id": rid, "object": "chat.completion", "created": created, "model": config.model_name,
@@ -323,6 +314,33 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
     return app
 
 
+class _LimitsAndErrorCounts:
+    """Pure ASGI middleware: 413 for oversized bodies, error responses counted by status.
+
+    (Starlette's BaseHTTPMiddleware would wrap ``receive`` and hide client
+    disconnects from the endpoints, which cancel generation on them.)
+    """
+
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int):
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            self.metrics.error(413)
+            response = JSONResponse(error_body(413, f"request body over {self.max_body_bytes} bytes"), status_code=413)
+            return await response(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.error(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def _session_or_404(action, session_id: str):
     try:
         return action()
@@ -336,6 +354,7 @@ def _session_or_404(action, session_id: str):
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+DISCONNECT_POLL_SECONDS = 0.25
 _TEXT_MARK = "\x00crsm-text\x00"
 
 
@@ -406,17 +425,32 @@ async def _batches(gen: Generation) -> AsyncIterator[list[TokenEvent | FinishEve
             gen.handle.cancel()
 
 
-async def _collect(gen: Generation, observe) -> tuple[list[TokenEvent], FinishEvent]:
-    events: list[TokenEvent] = []
-    last = [0.0]
-    async for batch in _batches(gen):
-        for event in batch:
-            observe(gen, event, last)
-            if isinstance(event, TokenEvent):
-                events.append(event)
-            else:
-                return events, event
-    raise asyncio.CancelledError
+async def _collect(gen: Generation, observe, request: Request) -> tuple[list[TokenEvent], FinishEvent]:
+    """All events of a non-streamed request; a client that hangs up cancels the generation."""
+
+    async def gather() -> tuple[list[TokenEvent], FinishEvent]:
+        events: list[TokenEvent] = []
+        last = [0.0]
+        async for batch in _batches(gen):
+            for event in batch:
+                observe(gen, event, last)
+                if isinstance(event, TokenEvent):
+                    events.append(event)
+                else:
+                    return events, event
+        raise asyncio.CancelledError
+
+    task = asyncio.create_task(gather())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                gen.handle.cancel()
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def _final_chunks(event: FinishEvent, last_chunk: dict, body, usage_chunk) -> list[bytes]:

@@ -42,6 +42,7 @@ OPTIONS = [
     Option("--session-bytes", int, 1 << 30, "byte budget of cached session states (LRU eviction past it)"),
     Option("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
     Option("--prefix-cache-bytes", int, 256 << 20, "byte budget of the automatic chat prefix cache"),
+    Option("--max-body-bytes", int, 8 << 20, "largest request body accepted (413 above it)"),
     Option("--api-key", str, "", "comma-separated API keys; when set, requests need 'Authorization: Bearer <key>'"),
     Option("--api-keys-file", str, "", "file with one API key per line (added to --api-key)"),
     Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
@@ -96,7 +97,8 @@ def build(args: argparse.Namespace):
         sessions=SessionStore(max_bytes=args.session_bytes, ttl_seconds=args.session_ttl),
         prefix_cache=PrefixCache(max_bytes=args.prefix_cache_bytes), observer=metrics,
     )
-    config = ServerConfig(model_name=name, default_max_tokens=args.default_max_tokens, api_keys=load_api_keys(args))
+    config = ServerConfig(model_name=name, default_max_tokens=args.default_max_tokens,
+                          max_body_bytes=args.max_body_bytes, api_keys=load_api_keys(args))
     app = create_app(engine, loaded.tokenizer, ChatTemplate.for_checkpoint(loaded.tokenizer, args.checkpoint), config,
                      metrics)
     return app, engine

@@ -245,7 +245,10 @@ def test_error_bodies(url, path, payload, status, param):
 
 
 def test_context_limit_and_overload(checkpoint):
-    with running_server(checkpoint, "--max-context", "64", "--max-running", "1", "--max-waiting", "1") as base:
+    with running_server(checkpoint, "--max-context", "64", "--max-running", "1", "--max-waiting", "1",
+                        "--max-body-bytes", "2000") as base:
+        r = httpx.post(base + "/v1/completions", json={"prompt": "y" * 3000})
+        assert r.status_code == 413 and r.json()["error"]["message"].startswith("request body over 2000 bytes")
         r = httpx.post(base + "/v1/completions", json={"prompt": "y" * 80})
         assert r.status_code == 400 and "64" in r.json()["error"]["message"]
         assert r.json()["error"]["code"] == "context_length_exceeded"
@@ -369,3 +372,18 @@ def test_load_generator_against_the_live_server(url, tmp_path):
                    "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["history_chars"] for r in rows] == [0, 200] and all(r["resumed_ttft_s"] > 0 for r in rows)
+
+
+def test_non_streamed_request_is_cancelled_when_the_client_hangs_up(url):
+    def cancelled(text):
+        return metric_value(text, "crsm_requests_finished_total", reason="cancelled") if 'reason="cancelled"' in text else 0.0
+
+    before = cancelled(httpx.get(url + "/metrics").text)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={"prompt": "long", "max_tokens": 30000, "ignore_eos": True},
+                   timeout=httpx.Timeout(30.0, read=0.5))
+    deadline = time.monotonic() + 10
+    while cancelled(httpx.get(url + "/metrics").text) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = httpx.get(url + "/metrics").text
+    assert cancelled(text) == before + 1 and metric_value(text, "crsm_requests_running") == 0
