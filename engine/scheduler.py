@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.models import MambaLMHeadModel
+from engine.runtime import keep_freed_memory
 from engine.sampling import SampleOutput, SamplingParams, sample
 from engine.sessions import PrefixCache, Session, SessionStore
 from engine.state import MambaState
@@ -194,6 +195,7 @@ class Engine:
         prefix_cache: PrefixCache | None = None,
         observer: EngineObserver | None = None,
     ):
+        keep_freed_memory()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_running = max_running

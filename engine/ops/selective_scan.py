@@ -174,7 +174,7 @@ def selective_state_step(h: Tensor, x: Tensor, dt: Tensor, A2: Tensor, B: Tensor
     x, dt: (b, D); B, C: (b, N); ``A2 = A * log2(e)`` (the exp2 form of A).
     Returns y (b, D) without D skip and gate.
     """
-    h.mul_(torch.exp2(dt.unsqueeze(-1) * A2))
+    h.mul_((dt.unsqueeze(-1) * A2).exp2_())  # one (b, D, N) temporary, not two
     h.baddbmm_((dt * x).unsqueeze(-1), B.unsqueeze(-2))  # + outer(dt * x, B)
     return torch.bmm(h, C.unsqueeze(-1)).squeeze(-1)
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from engine.checkpoint import save_checkpoint
 from engine.config import MambaConfig
 from engine.models import MambaLMHeadModel
+from engine.runtime import keep_freed_memory
 from engine.tokenizer import ByteTokenizer
 from engine.train.data import load_split
 
@@ -132,6 +133,7 @@ def _load_state(out: Path, model: MambaLMHeadModel, opt: torch.optim.Optimizer) 
 def train(cfg: BackboneConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

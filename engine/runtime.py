@@ -1,0 +1,41 @@
+"""Process-level settings that the engine's speed depends on.
+
+glibc returns freed memory above ``M_TRIM_THRESHOLD`` to the kernel and
+serves allocations above a (dynamic) ``M_MMAP_THRESHOLD`` with fresh
+``mmap`` calls, so a decode step that allocates a few 1 MB temporaries pays
+for page faults on every step. Measured on the 2-core development VM: a
+batch-32 decode step of the d_model=256, 4-layer model went from 7.2 ms to
+3.5 ms with the thresholds raised (same effect as the ``GLIBC_TUNABLES``
+``glibc.malloc.trim_threshold`` / ``mmap_threshold`` settings).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_done = False
+
+
+def keep_freed_memory(trim_threshold: int = 512 << 20, mmap_threshold: int = 64 << 20) -> bool:
+    """Ask glibc to keep freed memory for reuse; a no-op (False) where glibc is absent."""
+    global _done
+    if _done:
+        return True
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    _done = ok
+    if not ok:
+        log.debug("mallopt refused the thresholds")
+    return ok
