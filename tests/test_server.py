@@ -387,3 +387,25 @@ def test_non_streamed_request_is_cancelled_when_the_client_hangs_up(url):
         time.sleep(0.1)
     text = httpx.get(url + "/metrics").text
     assert cancelled(text) == before + 1 and metric_value(text, "crsm_requests_running") == 0
+
+
+def test_not_ready_answers_503(checkpoint):
+    """Before the engine thread runs (model loading, warm-up), probes and generation say 503."""
+    from engine.chat import ChatTemplate
+    from engine.checkpoint import load_model
+    from engine.scheduler import Engine
+    from server.app import ServerConfig, create_app
+
+    loaded = load_model(checkpoint)
+    engine = Engine(loaded.model, loaded.tokenizer)  # never started: no lifespan under ASGITransport
+    app = create_app(engine, loaded.tokenizer, ChatTemplate(loaded.tokenizer), ServerConfig(model_name="tiny"))
+
+    async def probe():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return [await client.get("/health"), await client.get("/ready"),
+                    await client.post("/v1/completions", json={"prompt": "x"})]
+
+    health, ready, completion = asyncio.run(probe())
+    assert health.status_code == ready.status_code == completion.status_code == 503
+    assert completion.json()["error"]["type"] == "service_unavailable"
+    assert completion.headers["retry-after"] == "5"
