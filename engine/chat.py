@@ -49,7 +49,12 @@ class ChatTemplate:
                 raise ChatTemplateError(message)
 
             env.globals["raise_exception"] = raise_exception
-            self._jinja = env.from_string(jinja_source)
+            from jinja2 import TemplateError
+
+            try:
+                self._jinja = env.from_string(jinja_source)
+            except TemplateError as exc:
+                raise ChatTemplateError(f"the checkpoint's chat_template does not compile: {exc}") from exc
 
     @classmethod
     def for_checkpoint(cls, tokenizer: Tokenizer, checkpoint_dir: str | Path | None) -> "ChatTemplate":
@@ -89,9 +94,14 @@ class ChatTemplate:
 
     def _text_of(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         if self._jinja is not None:
-            return self._jinja.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                      bos_token=getattr(self.tokenizer, "bos_token", ""),
-                                      eos_token=getattr(self.tokenizer, "eos_token", ""))
+            from jinja2 import TemplateError
+
+            try:
+                return self._jinja.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                          bos_token=getattr(self.tokenizer, "bos_token", ""),
+                                          eos_token=getattr(self.tokenizer, "eos_token", ""))
+            except TemplateError as exc:  # a template that rejects the conversation is a bad request
+                raise ChatTemplateError(str(exc)) from exc
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
         return text + ("assistant:" if add_generation_prompt else "")
 

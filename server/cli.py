@@ -111,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: checkpoint folder {args.checkpoint} does not exist (pass --checkpoint or set CRSM_CHECKPOINT)",
               file=sys.stderr)
         return 2
+    from engine.chat import ChatTemplateError
     from engine.checkpoint import CheckpointError
 
     try:
         app, _ = build(args)
-    except CheckpointError as exc:
+    except (CheckpointError, ChatTemplateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import uvicorn

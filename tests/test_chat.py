@@ -47,3 +47,15 @@ def test_checkpoint_jinja_template(tmp_path):
     assert len(r.boundaries) == len(MESSAGES) + 1 and r.boundaries == sorted(r.boundaries)
     first_two = chat.render(MESSAGES[:2], add_generation_prompt=False)
     assert r.token_ids[: r.boundaries[1]] == first_two.token_ids
+
+
+def test_template_errors_are_chat_template_errors():
+    strict = ChatTemplate(ByteTokenizer(), "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}"
+                                           "{% endif %}{{ messages[0]['content'] }}")
+    with pytest.raises(ChatTemplateError, match="user first"):
+        strict.render([{"role": "system", "content": "x"}])
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        ChatTemplate(ByteTokenizer(), "{{ messages[0]['content'] | no_such_filter }}")
+    undefined = ChatTemplate(ByteTokenizer(), "{{ messages[0]['content'].nope() }}")
+    with pytest.raises(ChatTemplateError):
+        undefined.render([{"role": "user", "content": "x"}])
