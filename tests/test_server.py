@@ -10,6 +10,8 @@ import time
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.serving import ROOT, metric_value, running_server, tiny_checkpoint
 
@@ -409,3 +411,31 @@ def test_not_ready_answers_503(checkpoint):
     assert health.status_code == ready.status_code == completion.status_code == 503
     assert completion.json()["error"]["type"] == "service_unavailable"
     assert completion.headers["retry-after"] == "5"
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+_fields = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n",
+           "logprobs", "top_logprobs", "session_id", "stream_options", "model", "repetition_penalty", "echo",
+           "presence_penalty", "max_completion_tokens", "return_tokens_as_token_ids"]
+
+
+@settings(max_examples=60)
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/sessions"]),
+       body=st.dictionaries(st.sampled_from(_fields), _json_values, max_size=6))
+def test_fuzzed_bodies_never_get_a_500(url, path, body):
+    """Bounded fuzz on loopback: any JSON body gets a 2xx or an OpenAI error, never a 500."""
+    if body.get("stream") is True:
+        body["stream"] = False
+    for key in ("max_tokens", "max_completion_tokens"):  # keep every generation short
+        if isinstance(body.get(key), int) and not isinstance(body.get(key), bool):
+            body[key] = min(body[key], 8)
+    body.setdefault("max_tokens", 4)
+    r = httpx.post(url + path, json=body, timeout=30)
+    assert r.status_code < 500, (r.status_code, r.text)
+    if r.status_code >= 400:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
