@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 FP32_PARAMS = ("A_log", "D")  # kept in float32 whatever the model dtype, as in mamba-ssm
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointError(RuntimeError):
@@ -302,10 +303,14 @@ def load_model(
     directory: str | Path,
     *,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> LoadedModel:
-    """Load any supported folder (detected); our format is verified first."""
+    """Load any supported folder (detected); our format is verified first. ``dtype`` may be a name in DTYPES."""
     directory = Path(directory)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     fmt = detect_format(directory)
     manifest: dict[str, Any] = {}
     if fmt == "crsm":

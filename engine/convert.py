@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import CheckpointError, detect_format, load_model, save_checkpoint, verify_checkpoint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from engine.checkpoint import DTYPES, CheckpointError, detect_format, load_model, save_checkpoint, verify_checkpoint
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

@@ -39,3 +39,11 @@ def keep_freed_memory(trim_threshold: int = 512 << 20, mmap_threshold: int = 64 
     if not ok:
         log.debug("mallopt refused the thresholds")
     return ok
+
+
+def set_threads(n: int) -> None:
+    """Intra-op threads for torch (0 keeps torch's default)."""
+    if n:
+        import torch
+
+        torch.set_num_threads(n)

@@ -74,21 +74,16 @@ def load_api_keys(args: argparse.Namespace) -> frozenset[str]:
 
 def build(args: argparse.Namespace):
     """Load the model, start the engine, return (app, engine)."""
-    import torch
-
     from engine.chat import ChatTemplate
     from engine.checkpoint import load_model
+    from engine.runtime import set_threads
     from engine.scheduler import Engine
     from engine.sessions import PrefixCache, SessionStore
     from server.app import ServerConfig, create_app
     from server.metrics import Metrics
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if args.dtype not in dtypes:
-        raise SystemExit(f"--dtype must be one of {', '.join(dtypes)}")
-    loaded = load_model(args.checkpoint, dtype=dtypes[args.dtype])
+    set_threads(args.threads)
+    loaded = load_model(args.checkpoint, dtype=args.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     metrics = Metrics(name)
     engine = Engine(
