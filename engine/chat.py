@@ -32,7 +32,7 @@ class ChatTemplateError(ValueError):
 @dataclass
 class RenderedChat:
     token_ids: list[int]
-    boundaries: list[int]  # token offsets after each message, and after the generation prompt
+    boundaries: list[int]  # token offsets after each message (and each assistant text), after the generation prompt
     stop_token_ids: list[int]
 
 
@@ -84,7 +84,11 @@ class ChatTemplate:
         ids: list[int] = []
         boundaries: list[int] = []
         for m in messages:
-            ids += [tok.special_id(f"<|{m['role']}|>"), *tok.encode(m.get("content") or ""), end]
+            ids += [tok.special_id(f"<|{m['role']}|>"), *tok.encode(m.get("content") or "")]
+            if m["role"] == "assistant":
+                # Also before <|end|>: a reply cut by max_tokens was cached without it.
+                boundaries.append(len(ids))
+            ids.append(end)
             boundaries.append(len(ids))
         if add_generation_prompt:
             ids.append(tok.special_id("<|assistant|>"))

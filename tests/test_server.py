@@ -439,3 +439,37 @@ def test_fuzzed_bodies_never_get_a_500(url, path, body):
     assert r.status_code < 500, (r.status_code, r.text)
     if r.status_code >= 400:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_chat_reuses_the_state_of_an_earlier_turn():
+    """Without a session id: the second turn repeats the first plus the reply and a new message; only the new
+    part is prefilled, and the output equals the same conversation on a fresh server (no cache).
+
+    Uses the shipped default model: its replies are plain text, so the client can send them back verbatim."""
+    def chat(base, messages):
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": messages, "max_tokens": 8,
+                                                             "temperature": 0, "logprobs": True,
+                                                             "return_tokens_as_token_ids": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    from engine.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    first = [{"role": "user", "content": "What is a module?"}]
+    with running_server(None) as base:
+        reply = chat(base, first)
+        reply_ids = [int(t["token"].split(":")[1]) for t in reply["choices"][0]["logprobs"]["content"]]
+        assert tok.encode(tok.decode(reply_ids)) == reply_ids
+        second = first + [{"role": "assistant", "content": tok.decode(reply_ids)}, {"role": "user", "content": "More"}]
+        cached = chat(base, second)
+        hits = metric_value(httpx.get(base + "/metrics").text, "crsm_prefix_cache_hits_total")
+    # <|user|> text <|end|> <|assistant|> and the 8 reply tokens, the last one fed again
+    assert cached["usage"]["prompt_tokens_details"]["cached_tokens"] == 1 + len(first[0]["content"]) + 2 + 8 - 1
+    assert hits == 1
+    with running_server(None) as fresh:
+        uncached = chat(fresh, second)
+    assert uncached["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    a, b = cached["choices"][0]["logprobs"]["content"], uncached["choices"][0]["logprobs"]["content"]
+    assert [t["token"] for t in a] == [t["token"] for t in b]
+    assert all(abs(x["logprob"] - y["logprob"]) < 1e-4 for x, y in zip(a, b))
