@@ -140,21 +140,3 @@ class MambaConfig:
             dt_max=raw.get("time_step_max", 0.1),
             dt_init_floor=raw.get("time_step_floor", 1e-4),
         )
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The equivalent Hugging Face config (for parity tests and benchmarks)."""
-        return {
-            "model_type": "mamba",
-            "vocab_size": self.padded_vocab_size,
-            "hidden_size": self.d_model,
-            "state_size": self.d_state,
-            "num_hidden_layers": self.n_layer,
-            "layer_norm_epsilon": self.norm_epsilon,
-            "expand": self.expand,
-            "conv_kernel": self.d_conv,
-            "use_bias": self.bias,
-            "use_conv_bias": self.conv_bias,
-            "time_step_rank": self.dt_rank_value,
-            "residual_in_fp32": self.residual_in_fp32,
-            "tie_word_embeddings": self.tie_embeddings,
-        }

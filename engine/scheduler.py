@@ -220,7 +220,6 @@ class Engine:
         self._stop = False
         self.ready = threading.Event()
         self.error: BaseException | None = None
-        self.failures = 0
 
     # Lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -281,7 +280,6 @@ class Engine:
                         self._iteration()
                     except Exception as exc:  # a step failed: fail the requests in flight, keep serving
                         log.exception("engine step failed")
-                        self.failures += 1
                         self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
                     self._flush()
         except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish

@@ -70,8 +70,6 @@ class ByteTokenizer:
             return self.specials[token_id - 256]
         return f"<|id:{token_id}|>"
 
-    def to_json(self) -> dict:
-        return {"type": "byte", "specials": self.specials}
 
 
 class HFTokenizer:

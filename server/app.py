@@ -46,7 +46,6 @@ class Generation:
     session: Session | None
     logprobs: int | None  # None: not asked; else number of alternatives
     token_ids_as_text: bool
-    started: float = field(default_factory=time.monotonic)
 
 
 def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate, config: ServerConfig,

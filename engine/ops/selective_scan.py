@@ -19,8 +19,9 @@ the sequence into ``n_chunks`` chunks of ``chunk_len`` steps and runs:
 
 So about ``3 * sqrt(L)`` vectorised steps instead of ``L``, with the same
 arithmetic as the sequential recurrence (no exp of positive numbers, so no
-overflow for any dt). Every op is out of place, so the scan is
-differentiable and serves training too.
+overflow for any dt). With gradients on, every op is out of place, so the
+scan serves training too; without, the same arithmetic runs into reused
+buffers.
 
 Padding: a step with ``dt = 0`` is the identity (decay 1, input 0). Callers
 mask ``dt`` to zero after each sequence's end to batch unequal lengths.
