@@ -15,6 +15,13 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 ITL_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+JOB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0, 10.0)
+UNIT_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+LAG_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+# Label values exported from the start (at zero), so dashboards and alert rules see every series.
+PLANNER_JOB_OUTCOMES = ("completed", "superseded", "overflow", "discarded", "error", "timeout")
+INJECTION_RESULTS = ("applied", "gated", "stale", "diverged", "rejected")
 
 
 class Metrics(EngineObserver):
@@ -46,6 +53,23 @@ class Metrics(EngineObserver):
                                 registry=r)
         self.errors = Counter("crsm_request_errors", "Error responses by HTTP status", ["model_name", "status"],
                               registry=r)
+        # Planner (System 2): jobs, search effort, and what became of each delta in the engine.
+        jobs = Counter("crsm_planner_jobs", "Planner jobs by outcome", ["model_name", "outcome"], registry=r)
+        self.planner_jobs = {o: jobs.labels(outcome=o, **labels) for o in PLANNER_JOB_OUTCOMES}
+        self.planner_job_seconds = Histogram("crsm_planner_job_seconds", "Wall time of one planner search",
+                                             ["model_name"], buckets=JOB_BUCKETS, registry=r).labels(**labels)
+        self.planner_simulations = Counter("crsm_planner_simulations", "MCTS simulations run by the planner",
+                                           ["model_name"], registry=r).labels(**labels)
+        injections = Counter("crsm_planner_injections", "State deltas by result in the engine",
+                             ["model_name", "result"], registry=r)
+        self.injections = {res: injections.labels(result=res, **labels) for res in INJECTION_RESULTS}
+        self.confidence = Histogram("crsm_planner_confidence", "Confidence of the deltas the engine received",
+                                    ["model_name"], buckets=UNIT_BUCKETS, registry=r).labels(**labels)
+        self.injection_alpha = Histogram("crsm_planner_injection_alpha", "Blend weight a_eff of applied deltas",
+                                         ["model_name"], buckets=UNIT_BUCKETS, registry=r).labels(**labels)
+        self.deliberation_lag = Histogram("crsm_deliberation_lag_tokens",
+                                          "Tokens between the state a plan read and the step it landed on",
+                                          ["model_name"], buckets=LAG_BUCKETS, registry=r).labels(**labels)
         self._labels = labels
         self._store_reader: Callable[[], dict[str, int]] | None = None
         r.register(_StoreCollector(self))
