@@ -14,6 +14,11 @@ loop never runs torch. Each loop iteration
    states live in the rows ``[0, n)`` of a persistent state buffer;
 4. retires finished and cancelled sequences, writing their state back to
    their session (and the prefix cache) and moving the last row into the hole.
+
+Sequences that think (``GenerationRequest.think``) also post a
+:class:`~engine.thinking.PlanJob` every ``plan_every`` tokens to the planner
+link, and before each decode step the engine lands the planner's deltas that
+are due into their batch rows (gated injection, :mod:`engine.injection`).
 """
 
 from __future__ import annotations
@@ -32,8 +37,18 @@ import torch
 from engine.models import MambaLMHeadModel
 from engine.runtime import keep_freed_memory
 from engine.sampling import SampleOutput, SamplingParams, sample
+from engine.injection import DEFAULT_MAX_NORM, effective_rate, inject
 from engine.sessions import PrefixCache, Session, SessionStore
 from engine.state import MambaState
+from engine.thinking import (
+    PlanDropped,
+    PlanJob,
+    PlannerLink,
+    StateDelta,
+    ThinkParams,
+    ThinkTotals,
+    ThoughtEvent,
+)
 from engine.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,6 +72,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     session: Session | None = None  # leased by the caller; released by the engine when the request ends
     prefix_boundaries: Sequence[int] = ()  # chat: token offsets where cached states may be reused / stored
+    think: ThinkParams | None = None  # deliberate with the planner while generating
 
 
 @dataclass
@@ -73,6 +89,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    think: ThinkTotals | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -95,6 +112,8 @@ class EngineObserver:
 
     def on_finish(self, reason: str) -> None: ...
 
+    def on_injection(self, result: str, confidence: float, a_eff: float, realised_lag: int) -> None: ...
+
 
 class RequestHandle:
     """The caller's side of one request: an async iterator of events, and cancel()."""
@@ -114,11 +133,11 @@ class RequestHandle:
         """Ask the engine to drop the request; it leaves the batch within one step."""
         self.cancelled.set()
 
-    def _emit(self, event: TokenEvent | FinishEvent) -> None:
+    def _emit(self, event: TokenEvent | ThoughtEvent | FinishEvent) -> None:
         """Queue an event for delivery (engine thread); :meth:`Engine._flush` hands it to the event loop."""
         self._outbox.setdefault(self.loop, []).append((self, event))
 
-    async def events(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def events(self) -> AsyncIterator[TokenEvent | ThoughtEvent | FinishEvent]:
         """Events until (and including) the FinishEvent."""
         while True:
             event = await self.queue.get()
@@ -175,6 +194,17 @@ class _Sequence:
         self.generator = req.params.make_generator()
         self.seen = torch.zeros(vocab, dtype=torch.bool) if req.params.repetition_penalty != 1.0 else None
         self.finished: FinishEvent | None = None
+        # Thinking: jobs posted and not answered (planned_at -> apply_at), deltas waiting for their step.
+        self.last_plan: int | None = None
+        self.outstanding: dict[int, int] = {}
+        self.deltas: list[StateDelta] = []
+        self.totals = ThinkTotals() if req.think is not None else None
+        self.paused_since = 0.0
+
+    @property
+    def fed(self) -> int:
+        """Generated tokens already in the state (the newest sampled one is pending)."""
+        return len(self.generated) - 1
 
     @property
     def cancelled(self) -> bool:
@@ -194,6 +224,8 @@ class Engine:
         sessions: SessionStore | None = None,
         prefix_cache: PrefixCache | None = None,
         observer: EngineObserver | None = None,
+        planner: PlannerLink | None = None,
+        max_state_norm: float = DEFAULT_MAX_NORM,
     ):
         keep_freed_memory()
         self.model = model.eval()
@@ -205,6 +237,11 @@ class Engine:
         self.sessions = sessions if sessions is not None else SessionStore()
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
         self.observer = observer or EngineObserver()
+        self.planner = planner
+        self.max_state_norm = max_state_norm
+        self._thinking: dict[int, _Sequence] = {}  # request id -> sequence, for those that think
+        self._results: collections.deque[StateDelta | PlanDropped] = collections.deque()
+        self._results_ready = threading.Condition()
         self.vocab = model.config.vocab_size
         self.eos_id = tokenizer.eos_id
         self._inbox: collections.deque[RequestHandle] = collections.deque()
@@ -212,6 +249,7 @@ class Engine:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._prefilling: list[_Sequence] = []
         self._decoding: list[_Sequence] = []  # row i of self._batch belongs to self._decoding[i]
+        self._paused: list[_Sequence] = []  # thinking sequences waiting out of the batch for a due plan
         self._batch: MambaState | None = None
         # Events of the current step, per event loop: delivered with one call_soon_threadsafe
         # per loop and step rather than one per token (each wakes the loop and takes the GIL).
@@ -243,7 +281,7 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._prefilling) + len(self._decoding)
+        return len(self._prefilling) + len(self._decoding) + len(self._paused)
 
     # Submission (any thread, usually the event loop) ----------------------
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
@@ -259,6 +297,12 @@ class Engine:
             self._inbox.append(handle)
             self._wake.notify()
         return handle
+
+    def post_result(self, result: StateDelta | PlanDropped) -> None:
+        """A planner's answer to a PlanJob (any thread); landed at the step it is due."""
+        with self._results_ready:
+            self._results.append(result)
+            self._results_ready.notify()
 
     # The loop (engine thread) ---------------------------------------------
     def _run(self) -> None:
@@ -300,7 +344,7 @@ class Engine:
                     handle.cancelled.set()
 
     def _has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._decoding)
+        return bool(self._waiting or self._prefilling or self._decoding or self._paused)
 
     def _warm_up(self) -> None:
         logits, state = self.model.prefill(torch.tensor([[0, 1, 2]]))
@@ -308,6 +352,8 @@ class Engine:
 
     def _iteration(self) -> None:
         self._drop_cancelled()
+        if self._paused:
+            self._resume_planned()
         self._admit()
         prefill_tokens = self._prefill_some()
         decode_batch = len(self._decoding)
@@ -380,9 +426,11 @@ class Engine:
             for seq in finished:
                 self._prefilling.remove(seq)
             self._accept_all(finished, self._sample(finished, logits[done_rows]))
-            for seq in finished:
+            for row, seq in zip(done_rows, finished):
                 if seq.finished is None:
                     self._join_decode(seq)
+                    if seq.totals is not None:
+                        self._plan(seq, len(self._decoding) - 1, logits[row])
                 else:
                     self._retire(seq, seq.state)
         return int(lengths.sum())
@@ -404,6 +452,12 @@ class Engine:
         return MambaState(self._batch.conv[:, :n], self._batch.ssm[:, :n])
 
     def _decode_step(self) -> None:
+        if self._thinking:
+            self._collect_results()
+            self._pause_for_plans()
+            self._land_deltas()
+            if not self._decoding:
+                return
         seqs = self._decoding
         n = len(seqs)
         tokens = torch.tensor([s.last_token for s in seqs])
@@ -411,24 +465,141 @@ class Engine:
         for seq in seqs:
             seq.history += 1  # last_token is now in the state
         self._accept_all(seqs, self._sample(seqs, logits))
+        if self._thinking:
+            for row, seq in enumerate(seqs):
+                if seq.totals is not None and seq.finished is None:
+                    self._plan(seq, row, logits[row])
         for seq in [s for s in seqs if s.finished is not None]:
             self._leave_decode(seq)
 
     def _leave_decode(self, seq: _Sequence) -> None:
         row = self._decoding.index(seq)
-        last = len(self._decoding) - 1
         state = self._batch.select([row])
+        self._remove_row(row)
+        self._retire(seq, state)
+
+    def _remove_row(self, row: int) -> None:
+        """Drop a sequence from the batch, moving the last row into the hole."""
+        last = len(self._decoding) - 1
         if row != last:
             self._batch.write_rows([row], self._batch.select([last]))
             self._decoding[row] = self._decoding[last]
         self._decoding.pop()
-        self._retire(seq, state)
 
     def _sample(self, seqs: Sequence[_Sequence], logits: torch.Tensor) -> SampleOutput:
         seen = None
         if any(s.seen is not None for s in seqs):
             seen = torch.stack([s.seen if s.seen is not None else torch.zeros(self.vocab, dtype=torch.bool) for s in seqs])
         return sample(logits, [s.req.params for s in seqs], [s.generator for s in seqs], seen=seen)
+
+    # Thinking: jobs out, deltas in ------------------------------------------
+    def _plan(self, seq: _Sequence, row: int, logits: torch.Tensor) -> None:
+        """Post a job for ``seq`` (decoding in ``row``) if one is due; its pending token came from ``logits``."""
+        params = seq.req.think
+        fed = seq.fed
+        if self.planner is None or (seq.last_plan is not None and fed - seq.last_plan < params.plan_every):
+            return
+        job = PlanJob(seq.handle.id, fed, self._batch.select([row]), logits.detach().clone(), list(seq.generated),
+                      params)
+        seq.last_plan = fed
+        seq.outstanding[fed] = job.apply_at
+        seq.totals.plans += 1
+        self._thinking[seq.handle.id] = seq
+        self.planner.submit(job)
+
+    def _collect_results(self) -> None:
+        with self._results_ready:
+            results = list(self._results)
+            self._results.clear()
+        for result in results:
+            seq = self._thinking.get(result.session)
+            if seq is None or seq.outstanding.pop(result.planned_at, None) is None:
+                continue  # the sequence has ended, or this job was already given up
+            if isinstance(result, StateDelta):
+                seq.totals.simulations += result.simulations
+                seq.deltas.append(result)
+            else:
+                self._thought(seq, ThoughtEvent(result.planned_at, None, result.outcome, 0.0, 0.0, 0.0, [], 0,
+                                                time.monotonic()))
+
+    def _due_jobs(self, seq: _Sequence) -> list[int]:
+        """planned_at of the jobs of a waiting sequence that must answer before its next step."""
+        if not seq.req.think.synchronous:
+            return []
+        return [t for t, apply_at in seq.outstanding.items() if apply_at <= seq.fed]
+
+    def _pause_for_plans(self) -> None:
+        """Bounded lag: a sequence whose due plan has not answered leaves the batch until it does.
+
+        Only that sequence waits; the others keep decoding.
+        """
+        for seq in [s for s in self._decoding if s.totals is not None and self._due_jobs(s)]:
+            row = self._decoding.index(seq)
+            seq.state = self._batch.select([row])
+            self._remove_row(row)
+            seq.paused_since = time.monotonic()
+            self._paused.append(seq)
+
+    def _resume_planned(self) -> None:
+        """Paused sequences whose plans have answered (or given up) land them and rejoin the batch."""
+        self._collect_results()
+        now = time.monotonic()
+        for seq in list(self._paused):
+            due = self._due_jobs(seq)
+            limit = 4 * seq.req.think.time_budget_ms / 1000.0 + 10.0  # the pool's own hang limit comes first
+            if due and now - seq.paused_since < limit:
+                continue
+            for planned_at in due:
+                seq.outstanding.pop(planned_at, None)
+                self._thought(seq, ThoughtEvent(planned_at, None, "timeout", 0.0, 0.0, 0.0, [], 0, now))
+            self._paused.remove(seq)
+            self._land_due(seq, seq.state.ssm[:, 0])
+            self._join_decode(seq)
+        if self._paused and not self._decoding and not self._prefilling:
+            with self._results_ready:  # nothing else to do: sleep until a plan answers
+                if not self._results:
+                    self._results_ready.wait(timeout=0.005)
+
+    def _land_deltas(self) -> None:
+        """Blend every due delta into its sequence's batch row, just before the step that reads it."""
+        for row, seq in enumerate(self._decoding):
+            if seq.deltas:
+                self._land_due(seq, self._batch.ssm[:, row])
+
+    def _land_due(self, seq: _Sequence, h: torch.Tensor) -> None:
+        fed = seq.fed
+        due = sorted((d for d in seq.deltas if d.apply_at <= fed), key=lambda d: d.planned_at)
+        seq.deltas = [d for d in seq.deltas if d.apply_at > fed]
+        for delta in due:
+            self._land(seq, h, delta, fed)
+
+    def _land(self, seq: _Sequence, h: torch.Tensor, delta: StateDelta, fed: int) -> None:
+        """Blend one delta into ``h`` (the sequence's live SSM state, (n_layer, d_inner, d_state))."""
+        params = seq.req.think
+        lag = fed - delta.planned_at
+        taken = seq.generated[delta.planned_at : fed + 1]  # tokens fed since planned_at, and the pending one
+        confidence, a_eff, norm = 0.0, 0.0, 0.0
+        found, branch = delta.lookup(taken) if lag <= params.max_staleness else ("stale", None)
+        if branch is None:
+            result = found
+        else:
+            confidence = float(delta.confidences[branch])
+            injection = inject(h, delta.changes[branch], effective_rate(confidence, params, lag),
+                               params.trust_region, self.max_state_norm)
+            result, a_eff, norm = injection.result, injection.a_eff, injection.delta_norm
+        self.observer.on_injection(result, confidence, a_eff, lag)
+        self._thought(seq, ThoughtEvent(delta.planned_at, fed, result, confidence, a_eff, norm, delta.path,
+                                        delta.simulations, time.monotonic()))
+
+    def _thought(self, seq: _Sequence, event: ThoughtEvent) -> None:
+        seq.totals.count(event.outcome)
+        seq.handle._emit(event)
+
+    def _forget_plans(self, seq: _Sequence) -> None:
+        if self._thinking.pop(seq.handle.id, None) is not None and self.planner is not None:
+            self.planner.discard(seq.handle.id)
+        seq.deltas.clear()
+        seq.outstanding.clear()
 
     # Token bookkeeping -----------------------------------------------------
     def _accept_all(self, seqs: Sequence[_Sequence], out: SampleOutput) -> None:
@@ -462,13 +633,16 @@ class Engine:
         tail = ""
         if flush:
             tail = seq.stops.feed(seq.decoder.flush())[0] + seq.stops.held
-        usage = Usage(prompt_tokens=seq.prompt_total, completion_tokens=len(seq.generated), cached_tokens=seq.cached)
+        usage = Usage(prompt_tokens=seq.prompt_total, completion_tokens=len(seq.generated), cached_tokens=seq.cached,
+                      think=seq.totals)
         seq.finished = FinishEvent(reason, tail, usage, time.monotonic(), error)
 
     def _retire(self, seq: _Sequence, state: MambaState | None) -> None:
         """Hand the final event out and write the state back where it belongs."""
         pending = ([seq.last_token] if seq.last_token is not None else []) + seq.to_feed
         req = seq.req
+        if seq.totals is not None:
+            self._forget_plans(seq)
         if req.session is not None:
             if state is None:
                 self.sessions.release(req.session)
@@ -494,9 +668,15 @@ class Engine:
         for seq in [s for s in self._decoding if s.cancelled]:
             self._finish(seq, "cancelled", flush=False)
             self._leave_decode(seq)
+        for seq in [s for s in self._paused if s.cancelled]:
+            self._paused.remove(seq)
+            self._finish(seq, "cancelled", flush=False)
+            self._retire(seq, seq.state)
 
     def _fail_all(self, message: str) -> None:
-        for seq in list(self._waiting) + self._prefilling + self._decoding:
+        for seq in list(self._waiting) + self._prefilling + self._decoding + self._paused:
+            if seq.totals is not None:
+                self._forget_plans(seq)
             if seq.req.session is not None:
                 self.sessions.release(seq.req.session)
             usage = Usage(len(seq.req.prompt_ids), len(seq.generated), 0)
@@ -511,4 +691,5 @@ class Engine:
         self._waiting.clear()
         self._prefilling.clear()
         self._decoding.clear()
+        self._paused.clear()
         self._batch = None

@@ -22,11 +22,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from engine.chat import ChatTemplate, ChatTemplateError
 from engine.sampling import SamplingParams
 from engine.scheduler import Engine, EngineDead, EngineOverloaded, FinishEvent, GenerationRequest, TokenEvent
+from engine.thinking import ThinkParams, ThoughtEvent
 from engine.sessions import Session, SessionBusy, SessionNotFound, SessionTooLarge
 from engine.tokenizer import Tokenizer
 from server.errors import APIError, error_body, install_error_handlers
 from server.metrics import Metrics
-from server.schemas import ChatCompletionRequest, CompletionRequest, SessionCreateRequest
+from server.schemas import ChatCompletionRequest, CompletionRequest, SessionCreateRequest, ThinkOptions, ThinkRequest
 
 
 @dataclass
@@ -49,15 +50,21 @@ class Generation:
 
 
 def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate, config: ServerConfig,
-               metrics: Metrics | None = None) -> FastAPI:
+               metrics: Metrics | None = None, planner=None) -> FastAPI:
+    """``planner``: a started-with-the-app pool (``planner.pool.PlannerPool``) the engine posts jobs to, or None."""
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        if planner is not None:
+            await planner.start()
         if not engine.alive:
             engine.start()
         try:
             yield
         finally:
             engine.shutdown()
+            if planner is not None:
+                await planner.stop()
 
     app = FastAPI(title="CRSM serve", version="0.1.0", lifespan=lifespan)
     metrics = metrics or Metrics(config.model_name)
@@ -137,8 +144,16 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
         return SamplingParams(temperature=body.temperature, top_k=max(0, body.top_k), top_p=body.top_p,
                               repetition_penalty=body.repetition_penalty, seed=body.seed, logprobs=logprobs)
 
+    def think_params(options: ThinkOptions | None) -> ThinkParams | None:
+        if options is None:
+            return None
+        if engine.planner is None:
+            raise APIError(400, "this server runs without a planner (--planner-workers 0); drop 'think'",
+                           param="think", code="planner_disabled")
+        return ThinkParams(**options.model_dump())
+
     def start(body, prompt_ids: list[int], owner: str | None, *, max_tokens: int | None, logprobs: int | None,
-              stop_token_ids=(), boundaries=()) -> Generation:
+              stop_token_ids=(), boundaries=(), think: ThinkOptions | None = None) -> Generation:
         check_model(body.model)
         if not engine.ready.is_set():
             raise APIError(503, "model is loading or warming up", headers={"Retry-After": "5"})
@@ -146,6 +161,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
         if bad:
             raise APIError(400, f"token ids out of range [0, {engine.vocab}): {bad[:5]}", param="prompt")
         params = sampling_of(body, logprobs)
+        thinking = think_params(think if think is not None else body.think)
         session = None
         if body.session_id is not None:
             session = _session_or_404(lambda: engine.sessions.lease(body.session_id, owner), body.session_id)
@@ -163,6 +179,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
                 prompt_ids=prompt_ids, params=params, max_tokens=max_tokens or config.default_max_tokens,
                 stop=body.stop, stop_token_ids=list(stop_token_ids), ignore_eos=body.ignore_eos, session=session,
                 prefix_boundaries=list(boundaries) if session is None else [],
+                think=thinking,
             )
             handle = engine.submit(request)
         except EngineOverloaded:
@@ -183,7 +200,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
     def token_str(tid: int, as_ids: bool) -> str:
         return f"token_id:{tid}" if as_ids else tokenizer.token_repr(tid)
 
-    def observe(gen: Generation, event: TokenEvent | FinishEvent, last: list[float]) -> None:
+    def observe(gen: Generation, event: TokenEvent | ThoughtEvent | FinishEvent, last: list[float]) -> None:
+        if isinstance(event, ThoughtEvent):
+            return
         if isinstance(event, TokenEvent):
             if last[0] == 0.0:
                 metrics.ttft.observe(event.time - gen.handle.submitted)
@@ -198,8 +217,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
 
     def usage_json(event: FinishEvent) -> dict:
         u = event.usage
-        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+        out = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+               "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+        if u.think is not None:
+            out["think"] = u.think.as_dict()
+        return out
 
     def finish_reason(event: FinishEvent) -> str:
         return {"cancelled": "abort"}.get(event.reason, event.reason)
@@ -310,6 +332,46 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
             out["session_id"] = gen.session.id
         return out
 
+    # Thinking ---------------------------------------------------------------------------
+    def thought_json(event: ThoughtEvent) -> dict:
+        return {"planned_at": event.planned_at, "applied_at": event.applied_at, "outcome": event.outcome,
+                "confidence": round(event.confidence, 6), "a_eff": round(event.a_eff, 6),
+                "delta_norm": round(event.delta_norm, 6), "path": tokenizer.decode(event.path),
+                "path_token_ids": event.path, "simulations": event.simulations}
+
+    @app.post("/think")
+    async def think(body: ThinkRequest, owner: str | None = Depends(owner_of)):
+        """Generation with deliberation, streamed as SSE ``token``, ``thought`` and ``done`` events."""
+        prompt_ids = list(body.prompt) if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
+        gen = start(body, prompt_ids, owner, max_tokens=body.max_tokens, logprobs=None, think=body.think_options())
+        rid = "think-" + uuid.uuid4().hex
+
+        async def events() -> AsyncIterator[bytes]:
+            last, index = [0.0], 0
+            async for batch in _batches(gen):
+                out: list[bytes] = []
+                for event in batch:
+                    observe(gen, event, last)
+                    if isinstance(event, TokenEvent):
+                        out.append(_sse({"id": rid, "index": index, "token_id": event.token_id, "text": event.text},
+                                        "token"))
+                        index += 1
+                    elif isinstance(event, ThoughtEvent):
+                        out.append(_sse({"id": rid, **thought_json(event)}, "thought"))
+                    elif event.reason == "error":
+                        out.append(_sse(error_body(500, event.error or "generation failed", code="engine_error"),
+                                        "error"))
+                    else:
+                        done = {"id": rid, "text": event.text, "finish_reason": finish_reason(event),
+                                "usage": usage_json(event)}
+                        if gen.session is not None:
+                            done["session_id"] = gen.session.id
+                        out.append(_sse(done, "done"))
+                if out:
+                    yield b"".join(out)
+
+        return _event_stream(events())
+
     return app
 
 
@@ -357,8 +419,9 @@ DISCONNECT_POLL_SECONDS = 0.25
 _TEXT_MARK = "\x00crsm-text\x00"
 
 
-def _sse(payload: dict) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+def _sse(payload: dict, event: str | None = None) -> bytes:
+    data = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return b"event: " + event.encode() + b"\n" + data if event else data
 
 
 class _ChunkTemplate:
@@ -393,6 +456,8 @@ async def _sse_events(gen: Generation, body, observe, *, head: list[bytes], text
         out: list[bytes] = []
         for event in batch:
             observe(gen, event, last)
+            if isinstance(event, ThoughtEvent):
+                continue  # OpenAI clients see thinking in metrics and the final usage only
             if isinstance(event, TokenEvent):
                 if logprob_chunk is not None:
                     out.append(logprob_chunk(event))
@@ -435,7 +500,7 @@ async def _collect(gen: Generation, observe, request: Request) -> tuple[list[Tok
                 observe(gen, event, last)
                 if isinstance(event, TokenEvent):
                     events.append(event)
-                else:
+                elif isinstance(event, FinishEvent):
                     return events, event
         raise asyncio.CancelledError
 

@@ -47,6 +47,14 @@ OPTIONS = [
     Option("--api-keys-file", str, "", "file with one API key per line (added to --api-key)"),
     Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
     Option("--threads", int, 0, "torch CPU threads (0: torch's default)"),
+    Option("--planner-workers", int, 1, "planner worker processes for requests that think (0: no planner)"),
+    Option("--planner-simulator", str, "auto",
+           "leaf simulator of the search: dynamics (learned), backbone (the model's own step) or auto (the dynamics "
+           "when the checkpoint has trained planner weights and it is timed >= 3x cheaper at start-up)"),
+    Option("--planner-threads", int, 1, "torch threads per planner worker"),
+    Option("--planner-nice", int, 10, "CPU niceness of planner workers, so decoding keeps its core"),
+    Option("--planner-max-batch", int, 8, "sessions whose trees a worker searches in one batch"),
+    Option("--planner-max-pending", int, 256, "plan jobs queued at most (the oldest is dropped past it)"),
     Option("--log-level", str, "info", "log level: debug, info, warning, error"),
 ]
 
@@ -86,16 +94,25 @@ def build(args: argparse.Namespace):
     loaded = load_model(args.checkpoint, dtype=args.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     metrics = Metrics(name)
+    pool = None
+    if args.planner_workers > 0:
+        from planner.pool import PlannerPool
+        from planner.worker import WorkerSpec
+
+        spec = WorkerSpec(checkpoint=str(args.checkpoint), simulator=args.planner_simulator,
+                          threads=args.planner_threads, nice=args.planner_nice, dtype=args.dtype)
+        pool = PlannerPool(lambda result: engine.post_result(result), spec, workers=args.planner_workers,
+                           max_pending=args.planner_max_pending, max_batch=args.planner_max_batch, observer=metrics)
     engine = Engine(
         loaded.model, loaded.tokenizer, max_running=args.max_running, max_waiting=args.max_waiting,
         prefill_chunk=args.prefill_chunk, max_context=args.max_context,
         sessions=SessionStore(max_bytes=args.session_bytes, ttl_seconds=args.session_ttl),
-        prefix_cache=PrefixCache(max_bytes=args.prefix_cache_bytes), observer=metrics,
+        prefix_cache=PrefixCache(max_bytes=args.prefix_cache_bytes), observer=metrics, planner=pool,
     )
     config = ServerConfig(model_name=name, default_max_tokens=args.default_max_tokens,
                           max_body_bytes=args.max_body_bytes, api_keys=load_api_keys(args))
     app = create_app(engine, loaded.tokenizer, ChatTemplate.for_checkpoint(loaded.tokenizer, args.checkpoint), config,
-                     metrics)
+                     metrics, planner=pool)
     return app, engine
 
 
@@ -104,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not Path(args.checkpoint).is_dir():
         print(f"error: checkpoint folder {args.checkpoint} does not exist (pass --checkpoint or set CRSM_CHECKPOINT)",
+              file=sys.stderr)
+        return 2
+    if args.planner_simulator not in ("auto", "dynamics", "backbone"):
+        print(f"error: --planner-simulator must be auto, dynamics or backbone, not {args.planner_simulator!r}",
               file=sys.stderr)
         return 2
     from engine.chat import ChatTemplateError

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.scheduler import EngineObserver
+from planner.pool import PlannerObserver
 
 # ms-scale CPU decoding: buckets start at 1 ms (vLLM's TTFT buckets, extended).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -24,7 +25,7 @@ PLANNER_JOB_OUTCOMES = ("completed", "superseded", "overflow", "discarded", "err
 INJECTION_RESULTS = ("applied", "gated", "stale", "diverged", "rejected")
 
 
-class Metrics(EngineObserver):
+class Metrics(EngineObserver, PlannerObserver):
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry()
         r = self.registry
@@ -89,6 +90,21 @@ class Metrics(EngineObserver):
 
     def on_finish(self, reason: str) -> None:
         self.finished.labels(reason=reason, **self._labels).inc()
+
+    def on_injection(self, result: str, confidence: float, a_eff: float, realised_lag: int) -> None:
+        self.injections[result].inc()
+        self.deliberation_lag.observe(realised_lag)
+        if result in ("applied", "gated", "rejected"):  # a confidence was read off the plan
+            self.confidence.observe(confidence)
+        if result == "applied":
+            self.injection_alpha.observe(a_eff)
+
+    # Planner pool hooks (event loop) -------------------------------------
+    def on_planner_job(self, outcome: str, seconds: float = 0.0, simulations: int = 0) -> None:
+        self.planner_jobs[outcome].inc()
+        if outcome == "completed":
+            self.planner_job_seconds.observe(seconds)
+            self.planner_simulations.inc(simulations)
 
     # HTTP layer ---------------------------------------------------------
     def error(self, status: int) -> None:

@@ -11,6 +11,29 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ThinkOptions(BaseModel):
+    """Deliberation settings (extension): the ``think`` object, or the top-level fields of ``/think``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deliberation_lag: int = Field(4, ge=0, le=64, description="tokens between the state a plan reads and the step "
+                                                               "it lands on")
+    simulations: int = Field(32, ge=1, le=4096)
+    top_k_actions: int = Field(8, ge=1, le=64)
+    injection_rate: float = Field(0.1, ge=0.0, le=1.0)
+    min_confidence: float = Field(0.2, ge=0.0, le=1.0)
+    plan_every: int = Field(8, ge=1, le=4096)
+    time_budget_ms: float = Field(50.0, gt=0.0, le=10000.0)
+    max_staleness: int = Field(32, ge=0, le=256)
+    decay: float = Field(1.0, ge=0.0, le=1.0)
+    trust_region: float = Field(0.5, ge=0.0, le=10.0)
+    wait: bool = Field(True, description="bounded lag: at apply_at the sequence waits for its plan while the others "
+                                         "decode; false: never wait, late deltas land later or go stale")
+
+
+THINK_FIELDS = tuple(ThinkOptions.model_fields)
+
+
 class _GenerationFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -31,6 +54,7 @@ class _GenerationFields(BaseModel):
     ignore_eos: bool = Field(False, description="extension")
     return_tokens_as_token_ids: bool = Field(False, description="extension (vLLM): logprob tokens read token_id:N")
     user: str | None = None
+    think: ThinkOptions | None = Field(None, description="extension: deliberate with the planner while generating")
 
     @field_validator("stop")
     @classmethod
@@ -78,6 +102,17 @@ class ChatCompletionRequest(_GenerationFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class ThinkRequest(_GenerationFields, ThinkOptions):
+    """``POST /think``: a prompt and/or a session, generation parameters and the deliberation fields."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str | list[int] = Field("", description="text or token ids; may be empty when continuing a session")
+
+    def think_options(self) -> ThinkOptions:
+        return ThinkOptions(**{name: getattr(self, name) for name in THINK_FIELDS})
 
 
 class SessionCreateRequest(BaseModel):

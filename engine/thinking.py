@@ -1,0 +1,147 @@
+"""What the engine exchanges with a planner: jobs out, state deltas in.
+
+The engine does not import the planner. It posts a :class:`PlanJob` (a copy
+of a sequence's state, its root logits and the tokens so far) through a
+:class:`PlannerLink`, and receives :class:`StateDelta` or :class:`PlanDropped`
+results through :meth:`engine.scheduler.Engine.post_result`, from any thread.
+
+Steps are counted per sequence as the number of generated tokens already fed
+into its state (the newest sampled token is always still pending). A job
+``planned_at = t`` read the state after ``t`` fed tokens; its delta is
+applied at the first step ``>= apply_at = t + deliberation_lag``.
+
+What a delta holds (the target, re-rooted on the real state): the search
+tree below the token that was pending at ``planned_at``, as *branches*: for
+each searched node (keyed by its tokens from ``planned_at``, pending token
+first) the predicted state change of playing its best child, and the
+search's confidence there. Applied at realised lag ``r``, the tokens actually
+taken since ``planned_at`` (``r`` fed plus the pending one) are looked up:
+if the tree holds that node, the engine blends towards ``h_real + change``,
+the real state moved by the plan's next, still undecided, action. If the
+session left the tree where the search had looked at other moves, the delta
+is dropped as ``diverged``; if the tree does not reach that far, or the delta
+is older than ``max_staleness`` steps, as ``stale``. A future of another path
+is never blended in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import Tensor
+
+from engine.state import MambaState
+
+INJECTION_RESULTS = ("applied", "gated", "stale", "diverged", "rejected")
+
+
+@dataclass(frozen=True)
+class ThinkParams:
+    """Per-request deliberation settings (``/think`` fields, or ``think`` on a completion)."""
+
+    deliberation_lag: int = 4  # tokens between the state a plan reads and the step it lands on
+    simulations: int = 32  # MCTS simulations per plan (leaf evaluations)
+    top_k_actions: int = 8  # actions per node: the top-k tokens of the policy
+    injection_rate: float = 0.1
+    min_confidence: float = 0.2  # gate: below it nothing is blended
+    plan_every: int = 8  # tokens between two plans of a sequence
+    time_budget_ms: float = 50.0  # wall-time budget of one search
+    max_staleness: int = 32  # steps after planned_at beyond which a delta is dropped
+    decay: float = 1.0  # a_eff is multiplied by decay ** realised_lag
+    trust_region: float = 0.5  # ||change|| <= trust_region * max(||h||, 1) per layer
+    wait: bool = True  # bounded lag: at apply_at the sequence waits for its plan (the others go on)
+
+    @property
+    def synchronous(self) -> bool:
+        """Lag 0 always waits: the plan of the current step cannot land later."""
+        return self.wait or self.deliberation_lag == 0
+
+
+@dataclass
+class PlanJob:
+    session: Hashable  # the engine's key of the sequence (its request id)
+    planned_at: int
+    state: MambaState  # a copy, batch 1: the planner never sees a live tensor
+    root_logits: Tensor  # (vocab,) logits of the pending token
+    tokens: list[int]  # generated tokens so far; tokens[planned_at] is the pending one
+    params: ThinkParams
+
+    @property
+    def apply_at(self) -> int:
+        return self.planned_at + self.params.deliberation_lag
+
+
+@dataclass
+class StateDelta:
+    session: Hashable
+    planned_at: int
+    apply_at: int
+    path: list[int]  # the plan's main line (most visited moves); path[0] is the token pending at planned_at
+    branches: dict[tuple[int, ...], int]  # node (tokens from planned_at) -> row of changes / confidences
+    changes: Tensor  # (M, n_layer, d_inner, d_state): the state change of the node's best move
+    confidences: list[float]  # in [0, 1], from the search statistics at that node
+    nodes: frozenset[tuple[int, ...]] = frozenset()  # every node of the tree, branches or leaves
+    simulations: int = 0
+    seconds: float = 0.0
+
+    def lookup(self, taken: Sequence[int]) -> tuple[str, int | None]:
+        """("match", row) when the tree holds the node ``taken``; else ("diverged" | "stale", None)."""
+        key = tuple(taken)
+        if key in self.branches:
+            return "match", self.branches[key]
+        for i in range(1, len(key) + 1):
+            if key[:i] not in self.nodes:  # the session left the tree here
+                return ("diverged" if key[: i - 1] in self.branches else "stale"), None
+        return "stale", None  # a leaf: the search did not look further
+
+
+@dataclass
+class PlanDropped:
+    """A job that produced no delta (superseded, queue overflow, error, timeout, discarded)."""
+
+    session: Hashable
+    planned_at: int
+    outcome: str
+    detail: str = ""
+
+
+@dataclass
+class ThoughtEvent:
+    """One delta's fate, streamed by ``/think`` (token events are :class:`engine.scheduler.TokenEvent`)."""
+
+    planned_at: int
+    applied_at: int | None
+    outcome: str  # an INJECTION_RESULTS value, or a PlanDropped outcome
+    confidence: float
+    a_eff: float
+    delta_norm: float
+    path: list[int]
+    simulations: int
+    time: float
+
+
+@dataclass
+class ThinkTotals:
+    plans: int = 0
+    simulations: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def as_dict(self) -> dict[str, object]:
+        return {"plans": self.plans, "simulations": self.simulations, **{k: self.outcomes.get(k, 0) for k in
+                                                                         INJECTION_RESULTS}, "dropped":
+                sum(v for k, v in self.outcomes.items() if k not in INJECTION_RESULTS)}
+
+
+class PlannerLink(Protocol):
+    """The engine's side of a planner pool; both calls come from the engine thread and must not block."""
+
+    def submit(self, job: PlanJob) -> None: ...
+
+    def discard(self, session: Hashable) -> None: ...
+
+

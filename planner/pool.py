@@ -1,0 +1,243 @@
+"""The planner pool: asyncio workers, each driving one planner process.
+
+The engine thread hands jobs over with :meth:`PlannerPool.submit` (never
+blocking: the job hops onto the event loop). Each session is routed to one
+worker, so its tree stays in one process and is reused. A worker's queue
+keeps the newest job per session (an older one still waiting is dropped as
+``superseded``) and the pool holds at most ``max_pending`` jobs (past that
+the oldest goes, as ``overflow``). A worker takes up to ``max_batch`` jobs of
+different sessions and searches them as one batch in its process.
+
+Failures never reach a stream: a search that raises is answered ``error``;
+a process that dies is replaced (``error``); a call that overruns its hang
+limit (``hang_factor`` x the time budget + ``hang_grace_s``) gets its process
+killed and replaced (``timeout``). Every job gets an answer, a
+:class:`~engine.thinking.StateDelta` or a :class:`~engine.thinking.PlanDropped`,
+posted to the engine through ``post``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import multiprocessing as mp
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from engine.thinking import PlanDropped, PlanJob, StateDelta
+from planner.worker import WorkerSpec, delta_from_wire, job_to_wire, worker_main
+
+log = logging.getLogger(__name__)
+
+
+class PlannerObserver:
+    """Metrics hooks (called on the event loop)."""
+
+    def on_planner_job(self, outcome: str, seconds: float = 0.0, simulations: int = 0) -> None: ...
+
+
+class WorkerFailed(RuntimeError):
+    def __init__(self, outcome: str, message: str):
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class _Process:
+    """One worker process and the parent's end of its pipe (used from one thread at a time)."""
+
+    def __init__(self, spec: WorkerSpec, target: Callable, start_timeout: float):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(child, spec), daemon=True, name="crsm-planner")
+        self.proc.start()
+        child.close()
+        self.info: dict = {}
+        if not self.conn.poll(start_timeout):
+            self.kill()
+            raise WorkerFailed("error", f"planner worker not ready after {start_timeout:.0f}s")
+        try:
+            kind, self.info = self.conn.recv()
+        except (EOFError, OSError) as exc:
+            self.kill()
+            raise WorkerFailed("error", f"planner worker died while starting ({exc})") from exc
+
+    def call(self, message: tuple, timeout: float) -> tuple:
+        try:
+            self.conn.send(message)
+            if not self.conn.poll(timeout):
+                raise WorkerFailed("timeout", f"planner worker did not answer within {timeout:.2f}s")
+            return self.conn.recv()
+        except (EOFError, OSError) as exc:
+            raise WorkerFailed("error", f"planner worker died ({type(exc).__name__})") from exc
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(timeout=5)
+        self.conn.close()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(("stop",))
+        except OSError:
+            pass
+        self.proc.join(timeout=2)
+        self.kill()
+
+
+@dataclass
+class _Shard:
+    pending: collections.OrderedDict[Hashable, PlanJob] = field(default_factory=collections.OrderedDict)
+    forget: set[Hashable] = field(default_factory=set)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    process: _Process | None = None
+    restarts: int = 0
+
+
+class PlannerPool:
+    def __init__(
+        self,
+        post: Callable[[StateDelta | PlanDropped], None],
+        spec: WorkerSpec,
+        *,
+        workers: int = 1,
+        max_pending: int = 256,
+        max_batch: int = 8,
+        hang_factor: float = 4.0,
+        hang_grace_s: float = 2.0,
+        start_timeout_s: float = 120.0,
+        observer: PlannerObserver | None = None,
+        target: Callable = worker_main,
+    ):
+        if workers < 1:
+            raise ValueError("a planner pool needs at least one worker")
+        self.post = post
+        self.spec = spec
+        self.max_pending = max_pending
+        self.max_batch = max_batch
+        self.hang_factor = hang_factor
+        self.hang_grace_s = hang_grace_s
+        self.start_timeout_s = start_timeout_s
+        self.observer = observer or PlannerObserver()
+        self.target = target
+        self._n = workers
+        self._shards: list[_Shard] = []
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.info: dict = {}
+
+    # Lifecycle (event loop) -----------------------------------------------
+    async def start(self) -> None:
+        """Start the worker tasks; their processes start in the background (jobs wait meanwhile)."""
+        self._loop = asyncio.get_running_loop()
+        self._shards = [_Shard() for _ in range(self._n)]
+        self._tasks = [asyncio.create_task(self._work(shard), name=f"planner-{i}")
+                       for i, shard in enumerate(self._shards)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for shard in self._shards:
+            if shard.process is not None:
+                await asyncio.to_thread(shard.process.stop)
+                shard.process = None
+        self._tasks = []
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._shards) and all(s.process is not None for s in self._shards)
+
+    @property
+    def pending(self) -> int:
+        return sum(len(s.pending) for s in self._shards)
+
+    # The engine's side (engine thread) -------------------------------------
+    def submit(self, job: PlanJob) -> None:
+        self._loop.call_soon_threadsafe(self._enqueue, job)
+
+    def discard(self, session: Hashable) -> None:
+        self._loop.call_soon_threadsafe(self._discard, session)
+
+    # Queueing (event loop) ---------------------------------------------------
+    def _shard(self, session: Hashable) -> _Shard:
+        return self._shards[hash(session) % len(self._shards)]
+
+    def _drop(self, job: PlanJob, outcome: str, detail: str = "") -> None:
+        self.observer.on_planner_job(outcome)
+        self.post(PlanDropped(job.session, job.planned_at, outcome, detail))
+
+    def _enqueue(self, job: PlanJob) -> None:
+        shard = self._shard(job.session)
+        older = shard.pending.pop(job.session, None)
+        if older is not None:
+            self._drop(older, "superseded")
+        if self.pending >= self.max_pending:
+            fullest = max(self._shards, key=lambda s: len(s.pending))
+            _, oldest = fullest.pending.popitem(last=False)
+            self._drop(oldest, "overflow")
+        shard.pending[job.session] = job
+        shard.forget.discard(job.session)
+        shard.wake.set()
+
+    def _discard(self, session: Hashable) -> None:
+        shard = self._shard(session)
+        job = shard.pending.pop(session, None)
+        if job is not None:
+            self._drop(job, "discarded")
+        shard.forget.add(session)
+
+    # Workers (event loop; the search runs in the process) --------------------
+    async def _work(self, shard: _Shard) -> None:
+        while True:
+            if shard.process is None:
+                await self._start_process(shard)
+            await shard.wake.wait()
+            shard.wake.clear()
+            while shard.pending and shard.process is not None:
+                batch = [shard.pending.popitem(last=False)[1] for _ in range(min(self.max_batch, len(shard.pending)))]
+                forget, shard.forget = list(shard.forget), set()
+                await self._run(shard, batch, forget)
+
+    async def _start_process(self, shard: _Shard) -> None:
+        while shard.process is None:
+            try:
+                shard.process = await asyncio.to_thread(_Process, self.spec, self.target, self.start_timeout_s)
+                self.info = shard.process.info
+                log.info("planner worker ready: %s", shard.process.info)
+            except WorkerFailed as exc:
+                log.error("planner worker failed to start: %s", exc)
+                for job in list(shard.pending.values()):
+                    self._drop(job, "error", str(exc))
+                shard.pending.clear()
+                await asyncio.sleep(min(30.0, 1.0 * 2 ** min(shard.restarts, 5)))
+                shard.restarts += 1
+        if shard.pending:
+            shard.wake.set()
+
+    async def _run(self, shard: _Shard, batch: list[PlanJob], forget: list[Hashable]) -> None:
+        timeout = max(j.params.time_budget_ms for j in batch) / 1000.0 * self.hang_factor + self.hang_grace_s
+        started = time.monotonic()
+        try:
+            wire = [job_to_wire(j) for j in batch]
+            kind, payload = await asyncio.to_thread(shard.process.call, ("plan", wire, forget), timeout)
+        except WorkerFailed as exc:
+            log.warning("planner worker replaced: %s", exc)
+            process, shard.process = shard.process, None
+            shard.restarts += 1
+            await asyncio.to_thread(process.kill)
+            for job in batch:
+                self._drop(job, exc.outcome, str(exc))
+            await self._start_process(shard)
+            return
+        if kind != "done":
+            for job in batch:
+                self._drop(job, "error", str(payload))
+            return
+        seconds = time.monotonic() - started
+        for wire_delta in payload:
+            delta = delta_from_wire(wire_delta)
+            self.observer.on_planner_job("completed", delta.seconds or seconds, delta.simulations)
+            self.post(delta)

@@ -1,0 +1,140 @@
+"""The planner worker process: loads the checkpoint, keeps trees, answers plan calls.
+
+A separate process, not a thread: the search's Python loop would otherwise
+hold the GIL against the engine thread, a crash (even a segfault) takes only
+the worker down, and a hung search can be killed. It runs at a lower CPU
+priority (``nice``) with few torch threads, so decoding keeps its core.
+
+Messages over the pipe (pickled; tensors travel as numpy arrays):
+
+- parent -> worker: ``("plan", [job wire dicts], [sessions to forget])``,
+  ``("stop",)``;
+- worker -> parent: ``("ready", info)`` once loaded, then per plan call
+  ``("done", [result wire dicts])`` or ``("error", message)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.state import MambaState
+from engine.thinking import PlanJob, StateDelta
+
+log = logging.getLogger(__name__)
+
+AUTO_COST_RATIO = 3.0  # the dynamics must be this much cheaper than the backbone step for "auto" to pick it
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    checkpoint: str
+    simulator: str = "auto"  # "auto", "dynamics" or "backbone"
+    threads: int = 1
+    nice: int = 10
+    max_trees: int = 256
+    dtype: str = "float32"
+
+
+# Wire format ------------------------------------------------------------------
+def job_to_wire(job: PlanJob) -> dict[str, Any]:
+    return {"session": job.session, "planned_at": job.planned_at, "tokens": job.tokens, "params": job.params,
+            "conv": job.state.conv.float().numpy(), "ssm": job.state.ssm.numpy(),
+            "logits": job.root_logits.float().numpy()}
+
+
+def job_from_wire(wire: dict[str, Any], conv_dtype: torch.dtype) -> PlanJob:
+    state = MambaState(torch.from_numpy(wire["conv"]).to(conv_dtype), torch.from_numpy(wire["ssm"]))
+    return PlanJob(wire["session"], wire["planned_at"], state, torch.from_numpy(wire["logits"]), wire["tokens"],
+                   wire["params"])
+
+
+def delta_to_wire(delta: StateDelta) -> dict[str, Any]:
+    return {**delta.__dict__, "changes": delta.changes.numpy()}
+
+
+def delta_from_wire(wire: dict[str, Any]) -> StateDelta:
+    return StateDelta(**{**wire, "changes": torch.from_numpy(np.ascontiguousarray(wire["changes"]))})
+
+
+# The process ----------------------------------------------------------------
+def choose_simulator(kind: str, model, net, trained: bool) -> tuple[str, dict[str, float]]:
+    """Resolve "auto" by timing both simulators on a batch of 64 leaves here (see AUTO_COST_RATIO)."""
+    if kind != "auto":
+        return kind, {}
+    if not trained:
+        return "backbone", {}
+    from planner.simulators import BackboneSimulator, LatentSimulator
+
+    state = model.allocate_state(64)
+    state.ssm.normal_()
+    tokens = torch.zeros(64, dtype=torch.long)
+    costs = {}
+    for sim in (LatentSimulator(net), BackboneSimulator(model, net)):
+        states = sim.root_states(state)
+        sim.expand(states, tokens)
+        start = time.perf_counter()
+        for _ in range(5):
+            sim.expand(states, tokens)
+        costs[sim.name] = (time.perf_counter() - start) / 5
+    ratio = costs["backbone"] / max(costs["dynamics"], 1e-9)
+    return ("dynamics" if ratio >= AUTO_COST_RATIO else "backbone"), {"cost_ratio": ratio}
+
+
+def load_planner_for(spec: WorkerSpec):
+    """(Planner, info, the engine's conv-state dtype) for a worker, from the checkpoint."""
+    from engine.checkpoint import load_model
+    from planner.model import load_planner
+    from planner.planner import Planner
+    from planner.simulators import make_simulator
+
+    model = load_model(spec.checkpoint, dtype=spec.dtype).model
+    loaded = load_planner(spec.checkpoint, model)
+    with torch.inference_mode():
+        kind, timing = choose_simulator(spec.simulator, model, loaded.net, loaded.trained)
+    planner = Planner(make_simulator(kind, model, loaded.net), max_trees=spec.max_trees)
+    return planner, {"simulator": kind, "trained": loaded.trained, "pid": os.getpid(), **timing}, model.dtype
+
+
+def worker_main(conn: Connection, spec: WorkerSpec) -> None:
+    """Entry point of a worker process."""
+    try:
+        os.nice(spec.nice)
+    except OSError:
+        pass
+    torch.set_num_threads(max(1, spec.threads))
+    planner, info, conv_dtype = load_planner_for(spec)
+    conn.send(("ready", info))
+    serve(conn, planner, conv_dtype)
+
+
+def serve(conn: Connection, planner, conv_dtype: torch.dtype) -> None:
+    """Answer plan calls until told to stop or the parent goes away."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] == "stop":
+            return
+        _, jobs, forget = message
+        for session in forget:
+            planner.forget(session)
+        try:
+            deltas = planner.run([job_from_wire(w, conv_dtype) for w in jobs])
+            reply = ("done", [delta_to_wire(d) for d in deltas])
+        except Exception as exc:  # a failing search is reported, the worker lives on
+            log.warning("planner search failed: %s", traceback.format_exc())
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):
+            return
