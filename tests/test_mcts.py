@@ -1,0 +1,122 @@
+"""The search: finds a known best action, batching never changes a tree, trees are reused, budgets hold."""
+
+from __future__ import annotations
+
+import torch
+
+from planner.mcts import SearchConfig, Tree, confidence, search
+from planner.model import PlannerNet, PlannerConfig
+from planner.simulators import Expansion, LatentSimulator
+
+LONG = 60.0  # a time budget that never ends a search in these tests: simulations do
+
+
+class RewardOneToken:
+    """A toy simulator: the value of a state is +1 if the move into it was ``target``, else -0.5."""
+
+    name = "toy"
+
+    def __init__(self, vocab: int, target: int):
+        self.vocab, self.target = vocab, target
+        self.calls = 0
+
+    def value(self, states):
+        return torch.zeros(states[0].shape[1])
+
+    def expand(self, states, tokens):
+        self.calls += 1
+        b = tokens.shape[0]
+        values = torch.where(tokens == self.target, 1.0, -0.5)
+        return Expansion((tokens.float().view(1, b, 1),), torch.zeros(b, self.vocab), values)
+
+
+def toy_tree(vocab=10, target=7) -> Tree:
+    logits = torch.linspace(3.0, 0.0, vocab)  # prior decreasing with the token id: the target is not the favourite
+    return Tree((torch.zeros(1, 1, 1),), logits, 0.0, top_k=8)
+
+
+def signature(tree: Tree) -> list[tuple]:
+    out, stack = [], [((), tree.root)]
+    while stack:
+        key, node = stack.pop()
+        out.append((key, node.visits, round(node.q, 6), tuple(node.actions)))
+        stack.extend((key + (c.token,), c) for c in node.visited_children())
+    return sorted(out)
+
+
+def test_search_finds_the_rewarded_action_despite_a_low_prior():
+    tree, sim = toy_tree(), RewardOneToken(10, 7)
+    [stats] = search([tree], sim, SearchConfig(simulations=64, top_k=8, time_budget_s=LONG))
+    assert stats.simulations == 64
+    best = tree.root.best_child()
+    assert best.token == 7
+    assert best.visits > 64 // 2
+    assert confidence(tree.root) > 0.5
+    assert sim.calls < 64  # leaves were evaluated in batches
+
+
+def test_unvisited_children_have_a_finite_first_play_value_so_small_budgets_go_deeper():
+    tree, sim = toy_tree(), RewardOneToken(10, 7)
+    search([tree], sim, SearchConfig(simulations=12, top_k=8, leaves_per_tree=1, time_budget_s=LONG))
+    depth = max(len(key) for key, *_ in signature(tree))
+    assert depth >= 2  # with +inf first-play values 12 simulations would only cover the 8 root moves
+
+
+def net_and_states(seed: int, trees: int):
+    torch.manual_seed(seed)
+    net = PlannerNet(PlannerConfig(n_layer=2, d_inner=8, d_state=4, vocab_size=20, d_token=8, d_summary=4,
+                                   d_policy=8, d_value=8)).double()
+    states = [torch.randn(2, 1, 8, 4, dtype=torch.float64) for _ in range(trees)]
+    logits = [torch.randn(20, dtype=torch.float64) for _ in range(trees)]
+    return net, states, logits
+
+
+def fresh_trees(net, states, logits) -> list[Tree]:
+    sim = LatentSimulator(net)
+    return [Tree((s,), lg, float(sim.value((s,))), top_k=4) for s, lg in zip(states, logits)]
+
+
+def test_batched_evaluation_gives_the_same_trees_as_one_leaf_at_a_time():
+    net, states, logits = net_and_states(seed=3, trees=3)
+    sim = LatentSimulator(net)
+    config = SearchConfig(simulations=24, top_k=4, leaves_per_tree=4, time_budget_s=LONG)
+    with torch.inference_mode():
+        together = fresh_trees(net, states, logits)
+        search(together, sim, config)
+        alone = fresh_trees(net, states, logits)
+        for tree in alone:
+            search([tree], sim, SearchConfig(**{**config.__dict__, "max_batch": 1}))
+    for a, b in zip(together, alone):
+        assert signature(a) == signature(b)
+        assert a.size() == 25
+
+
+def test_a_tree_is_reused_under_the_token_actually_played():
+    net, states, logits = net_and_states(seed=4, trees=1)
+    sim = LatentSimulator(net)
+    with torch.inference_mode():
+        [tree] = fresh_trees(net, states, logits)
+        search([tree], sim, SearchConfig(simulations=40, top_k=4, time_budget_s=LONG))
+        child = tree.root.best_child()
+        kept_visits, kept_size = child.visits, sum(1 for _ in _walk(child))
+        real = torch.randn(2, 1, 8, 4, dtype=torch.float64)
+        assert tree.advance([child.token], (real,), root_value=0.25)
+        assert tree.root is child and tree.root.parent is None
+        assert tree.root.visits == kept_visits and tree.size() == kept_size
+        assert torch.equal(tree.state(tree.root, 0), real[:, 0])
+        assert tree.rows == kept_size  # the rest of the old tree's states were freed
+        assert not tree.advance([999], (real,), root_value=0.0)
+
+
+def test_the_time_budget_ends_a_search_early():
+    net, states, logits = net_and_states(seed=5, trees=1)
+    with torch.inference_mode():
+        [tree] = fresh_trees(net, states, logits)
+        [stats] = search([tree], LatentSimulator(net), SearchConfig(simulations=10_000, top_k=4, time_budget_s=0.05))
+    assert 0 < stats.simulations < 10_000
+
+
+def _walk(node):
+    yield node
+    for child in node.visited_children():
+        yield from _walk(child)
