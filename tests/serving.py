@@ -32,11 +32,14 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(checkpoint: Path | None, *args: str, env: dict | None = None, timeout: float = 60.0):
-    """Start ``python -m server`` on a free loopback port (default checkpoint if None); yield its URL; stop it."""
+    """Start ``python -m server`` on a free loopback port (default checkpoint if None); yield its URL; stop it.
+
+    The planner is off unless ``args`` asks for workers (it costs a process per server).
+    """
     port = free_port()
     ckpt = ["--checkpoint", str(checkpoint)] if checkpoint is not None else []
     cmd = [sys.executable, "-m", "server", *ckpt, "--host", "127.0.0.1",
-           "--port", str(port), "--model-name", "tiny", "--log-level", "warning", "--threads", "1", *args]
+           "--port", str(port), "--model-name", "tiny", "--log-level", "warning", "--threads", "1", "--planner-workers", "0", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -1,0 +1,86 @@
+"""``/think`` and ``think`` over real HTTP: tokens and thought events stream, deltas land, errors are 4xx."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.serving import metric_value, running_server, tiny_checkpoint
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    events, kind = [], "message"
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((kind, json.loads(line[len("data: "):])))
+            kind = "message"
+    return events
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The default checkpoint (what `make serve` serves) with one planner worker."""
+    with running_server(None, "--planner-workers", "1", timeout=120) as url:
+        deadline = 60
+        while deadline:  # the worker process loads in the background; wait until it has answered once
+            with httpx.stream("POST", url + "/think", json={"prompt": "x", "max_tokens": 2, "deliberation_lag": 0},
+                              timeout=60) as r:
+                if any(kind == "thought" and ev["outcome"] != "error" for kind, ev in sse_events(r)):
+                    break
+            deadline -= 1
+        yield url
+
+
+def test_think_streams_tokens_and_thoughts_and_deltas_land(server):
+    with httpx.stream("POST", server + "/think", json={"prompt": "The function returns", "max_tokens": 200,
+                                                      "temperature": 0, "seed": 1}, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    tokens = [ev for kind, ev in events if kind == "token"]
+    thoughts = [ev for kind, ev in events if kind == "thought"]
+    kind, done = events[-1]
+    assert kind == "done" and done["finish_reason"] == "length"
+    assert len(tokens) == 200 and [t["index"] for t in tokens] == list(range(200))
+    assert thoughts and {"planned_at", "applied_at", "confidence", "a_eff", "delta_norm", "path", "outcome"} <= set(
+        thoughts[0])
+    applied = [t for t in thoughts if t["outcome"] == "applied"]
+    assert applied, [t["outcome"] for t in thoughts]
+    assert all(0 < t["a_eff"] <= 0.1 and 0 <= t["confidence"] <= 1 for t in applied)
+    think = done["usage"]["think"]
+    assert think["plans"] == len(thoughts) and think["applied"] == len(applied)
+    metrics = httpx.get(server + "/metrics").text
+    assert metric_value(metrics, "crsm_planner_jobs_total", outcome="completed") >= len(applied)
+    assert metric_value(metrics, "crsm_planner_injections_total", result="applied") >= len(applied)
+    assert metric_value(metrics, "crsm_planner_simulations_total") > 0
+
+
+def test_openai_client_sees_thinking_in_usage_only(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused")
+    stream = client.completions.create(model="tiny", prompt="A list is", max_tokens=40, stream=True,
+                                       stream_options={"include_usage": True},
+                                       extra_body={"think": {"simulations": 8, "plan_every": 8}})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 40 and usage.model_extra["think"]["plans"] >= 4
+
+
+@pytest.mark.parametrize("body, param", [({"prompt": "x", "simulations": 0}, "simulations"),
+                                         ({"prompt": "x", "injection_rate": 2}, "injection_rate"),
+                                         ({"prompt": "x", "deliberation_lag": -1}, "deliberation_lag")])
+def test_bad_think_fields_are_400s(server, body, param):
+    r = httpx.post(server + "/think", json=body)
+    assert r.status_code == 400 and param in r.json()["error"]["message"]
+
+
+def test_think_without_a_planner_is_a_clear_400(tmp_path):
+    with running_server(tiny_checkpoint(tmp_path / "tiny")) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "think": {}})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "planner_disabled"
+        r = httpx.post(url + "/think", json={"prompt": "x"})
+        assert r.status_code == 400
