@@ -11,6 +11,8 @@ batch-32 decode step of the d_model=256, 4-layer model went from 7.2 ms to
 
 from __future__ import annotations
 
+import os
+
 import ctypes
 import ctypes.util
 import logging
@@ -47,3 +49,12 @@ def set_threads(n: int) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+def engine_threads(planner_threads: int) -> int:
+    """Intra-op threads for the engine when planner workers use ``planner_threads`` cores: the rest, at least 1.
+
+    Decoding must keep its core(s): sharing them with a busy planner process
+    makes every step wait for the scheduler.
+    """
+    return max(1, (os.cpu_count() or 1) - max(0, planner_threads))

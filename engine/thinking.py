@@ -82,7 +82,8 @@ class StateDelta:
     branches: dict[tuple[int, ...], int]  # node (tokens from planned_at) -> row of changes / confidences
     changes: Tensor  # (M, n_layer, d_inner, d_state): the state change of the node's best move
     confidences: list[float]  # in [0, 1], from the search statistics at that node
-    nodes: frozenset[tuple[int, ...]] = frozenset()  # every node of the tree, branches or leaves
+    nodes: frozenset[tuple[int, ...]] = frozenset()  # every node of the tree
+    inner: frozenset[tuple[int, ...]] = frozenset()  # the nodes the search looked below (a branch or not)
     simulations: int = 0
     seconds: float = 0.0
 
@@ -93,7 +94,7 @@ class StateDelta:
             return "match", self.branches[key]
         for i in range(1, len(key) + 1):
             if key[:i] not in self.nodes:  # the session left the tree here
-                return ("diverged" if key[: i - 1] in self.branches else "stale"), None
+                return ("diverged" if key[: i - 1] in self.inner else "stale"), None
         return "stale", None  # a leaf: the search did not look further
 
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 class Planner:
     def __init__(self, simulator: Simulator, config: SearchConfig = SearchConfig(), max_trees: int = 256,
-                 max_branches: int = 32):
+                 max_branches: int = 16):
         self.simulator = simulator
         self.config = config
         self.max_trees = max_trees
@@ -65,41 +65,45 @@ class Planner:
         part = ssm_part(self.simulator)
         for job, tree, prefix, st in zip(jobs, trees, prefixes, stats):
             main_line = best_path(tree, prefix, job.params.deliberation_lag + job.params.max_staleness + 2)
-            branches, nodes, changes, confidences = self._branches(tree, prefix, part)
+            branches, nodes, changes, confidences = self._branches(tree, prefix, part, job.params.deliberation_lag)
+            inner = frozenset(k for k, n in nodes.items() if n.visited_children())
             deltas.append(StateDelta(job.session, job.planned_at, job.apply_at, [n.token for n in main_line[1:]],
-                                     branches, changes, confidences, nodes, st.simulations, st.seconds))
+                                     branches, changes, confidences, frozenset(nodes), inner, st.simulations,
+                                     st.seconds))
             self._trees[job.session] = (tree, job.planned_at)
             self._trees.move_to_end(job.session)
         while len(self._trees) > self.max_trees:
             self._trees.popitem(last=False)
         return deltas
 
-    def _branches(self, tree: Tree, prefix: list[int], part: int):
+    def _branches(self, tree: Tree, prefix: list[int], part: int, lag: int):
         """The searched nodes below the forced prefix, keyed by their tokens from planned_at.
 
-        Each node with a visited child becomes a branch: the change of its best
-        move and its confidence. The ``max_branches`` most visited are kept
-        (each is a full SSM state of change).
+        Each node with a visited child, at least ``lag`` moves below the
+        prefix (a delta never lands earlier), becomes a branch: the change of
+        its best move and its confidence. The ``max_branches`` most visited
+        are kept (each is a full SSM state of change, shipped to the engine).
         """
         start = tree.follow(prefix)
         if start is None:
-            return {}, frozenset(), torch.zeros(0, *tree.store[part].shape[:1], *tree.store[part].shape[2:]), []
+            return {}, {}, torch.zeros(0, *tree.store[part].shape[:1], *tree.store[part].shape[2:]), []
         nodes: dict[tuple[int, ...], object] = {}
         stack = [(tuple(prefix), start)]
         while stack:
             key, node = stack.pop()
             nodes[key] = node
             stack.extend((key + (child.token,), child) for child in node.visited_children())
-        inner = sorted(((k, n) for k, n in nodes.items() if n.visited_children()), key=lambda kn: -kn[1].visits)
+        inner = sorted(((k, n) for k, n in nodes.items() if n.visited_children() and len(k) >= len(prefix) + lag),
+                       key=lambda kn: -kn[1].visits)
         inner = inner[: self.max_branches]
         if not inner:
-            return {}, frozenset(nodes), torch.zeros(0, *tree.store[part].shape[:1], *tree.store[part].shape[2:]), []
+            return {}, nodes, torch.zeros(0, *tree.store[part].shape[:1], *tree.store[part].shape[2:]), []
         rows = [n.row for _, n in inner]
         best_rows = [n.best_child().row for _, n in inner]
         idx, best_idx = torch.tensor(rows), torch.tensor(best_rows)
         store = tree.store[part]
         changes = (store.index_select(1, best_idx) - store.index_select(1, idx)).transpose(0, 1).float().contiguous()
-        return ({k: i for i, (k, _) in enumerate(inner)}, frozenset(nodes), changes,
+        return ({k: i for i, (k, _) in enumerate(inner)}, nodes, changes,
                 [confidence(n) for _, n in inner])
 
     def _tree_for(self, job: PlanJob, states: tuple[torch.Tensor, ...], root_value: float) -> Tree:

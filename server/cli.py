@@ -46,7 +46,7 @@ OPTIONS = [
     Option("--api-key", str, "", "comma-separated API keys; when set, requests need 'Authorization: Bearer <key>'"),
     Option("--api-keys-file", str, "", "file with one API key per line (added to --api-key)"),
     Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
-    Option("--threads", int, 0, "torch CPU threads (0: torch's default)"),
+    Option("--threads", int, 0, "torch CPU threads of the engine (0: torch's default, less the planner workers' threads)"),
     Option("--planner-workers", int, 1, "planner worker processes for requests that think (0: no planner)"),
     Option("--planner-simulator", str, "auto",
            "leaf simulator of the search: dynamics (learned), backbone (the model's own step) or auto (the dynamics "
@@ -84,13 +84,16 @@ def build(args: argparse.Namespace):
     """Load the model, start the engine, return (app, engine)."""
     from engine.chat import ChatTemplate
     from engine.checkpoint import load_model
-    from engine.runtime import set_threads
+    from engine.runtime import engine_threads, set_threads
     from engine.scheduler import Engine
     from engine.sessions import PrefixCache, SessionStore
     from server.app import ServerConfig, create_app
     from server.metrics import Metrics
 
-    set_threads(args.threads)
+    threads = args.threads
+    if threads == 0 and args.planner_workers > 0:  # leave the planner processes their cores
+        threads = engine_threads(args.planner_workers * args.planner_threads)
+    set_threads(threads)
     loaded = load_model(args.checkpoint, dtype=args.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     metrics = Metrics(name)

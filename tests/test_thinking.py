@@ -168,7 +168,7 @@ def test_a_delta_for_another_path_is_dropped_as_diverged(model):
         other = (job.tokens[job.planned_at], (job.tokens[job.planned_at] + 1) % 256)  # a move the session won't play
         change = torch.ones(1, *job.state.ssm.shape[:1], *job.state.ssm.shape[2:])
         return StateDelta(job.session, job.planned_at, job.apply_at, list(other), {other[:1]: 0}, change, [1.0],
-                          frozenset({other[:1], other}))
+                          frozenset({other[:1], other}), frozenset({other[:1]}))
 
     plain, _, _ = generate(model, None, None, n=10)
     link = ThreadLink(off_path)
