@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: serve test bench loadtest venv clean
+.PHONY: serve test bench bench-planner loadtest venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m loadtest.bench_engine --out loadtest/results/bench_engine.json
+
+bench-planner: $(STAMP)
+	$(PY) -m loadtest.bench_planner --out loadtest/results/bench_planner.json
 
 loadtest: $(STAMP)
 	$(PY) -m loadtest.bench_serving --out loadtest/results/bench_serving.json

@@ -6,9 +6,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine.thinking import ThinkParams
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+_THINK = ThinkParams()  # the engine's defaults are the API's
 
 
 class ThinkOptions(BaseModel):
@@ -16,19 +21,19 @@ class ThinkOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    deliberation_lag: int = Field(4, ge=0, le=64, description="tokens between the state a plan reads and the step "
-                                                               "it lands on")
-    simulations: int = Field(32, ge=1, le=4096)
-    top_k_actions: int = Field(8, ge=1, le=64)
-    injection_rate: float = Field(0.1, ge=0.0, le=1.0)
-    min_confidence: float = Field(0.2, ge=0.0, le=1.0)
-    plan_every: int = Field(8, ge=1, le=4096)
-    time_budget_ms: float = Field(50.0, gt=0.0, le=10000.0)
-    max_staleness: int = Field(32, ge=0, le=256)
-    decay: float = Field(1.0, ge=0.0, le=1.0)
-    trust_region: float = Field(0.5, ge=0.0, le=10.0)
-    wait: bool = Field(True, description="bounded lag: at apply_at the sequence waits for its plan while the others "
-                                         "decode; false: never wait, late deltas land later or go stale")
+    deliberation_lag: int = Field(_THINK.deliberation_lag, ge=0, le=64,
+                                  description="tokens between the state a plan reads and the step it lands on")
+    simulations: int = Field(_THINK.simulations, ge=1, le=4096)
+    top_k_actions: int = Field(_THINK.top_k_actions, ge=1, le=64)
+    injection_rate: float = Field(_THINK.injection_rate, ge=0.0, le=1.0)
+    min_confidence: float = Field(_THINK.min_confidence, ge=0.0, le=1.0)
+    plan_every: int = Field(_THINK.plan_every, ge=1, le=4096)
+    time_budget_ms: float = Field(_THINK.time_budget_ms, gt=0.0, le=10000.0)
+    max_staleness: int = Field(_THINK.max_staleness, ge=0, le=256)
+    decay: float = Field(_THINK.decay, ge=0.0, le=1.0)
+    trust_region: float = Field(_THINK.trust_region, ge=0.0, le=10.0)
+    wait: bool = Field(_THINK.wait, description="bounded lag: at apply_at the sequence waits for its plan while the "
+                                                "others decode; false: never wait, late deltas land later or go stale")
 
 
 THINK_FIELDS = tuple(ThinkOptions.model_fields)
