@@ -11,11 +11,11 @@ batch-32 decode step of the d_model=256, 4-layer model went from 7.2 ms to
 
 from __future__ import annotations
 
-import os
-
 import ctypes
 import ctypes.util
 import logging
+import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,22 @@ def set_threads(n: int) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+ENGINE_SWITCH_INTERVAL = 0.0005
+
+
+def share_the_gil_quickly(interval: float = ENGINE_SWITCH_INTERVAL) -> None:
+    """Shorten the interpreter's GIL switch interval (5 ms by default) to at most ``interval``.
+
+    The engine thread drops the GIL inside every torch op and must get it
+    back to go on; while the event loop (SSE writes, planner results) holds
+    it, the engine waits up to a whole switch interval, several decode steps
+    of a small model. Measured with thinking streams on the 2-core VM: ITL
+    p99 1.8 -> 1.6 ms (off) and 4.1 -> 3.8 ms (on) at 8 streams.
+    """
+    if sys.getswitchinterval() > interval:
+        sys.setswitchinterval(interval)
 
 
 def engine_threads(planner_threads: int) -> int:

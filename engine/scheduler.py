@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.models import MambaLMHeadModel
-from engine.runtime import keep_freed_memory
+from engine.runtime import keep_freed_memory, share_the_gil_quickly
 from engine.sampling import SampleOutput, SamplingParams, sample
 from engine.injection import DEFAULT_MAX_NORM, effective_rate, inject
 from engine.sessions import PrefixCache, Session, SessionStore
@@ -228,6 +228,7 @@ class Engine:
         max_state_norm: float = DEFAULT_MAX_NORM,
     ):
         keep_freed_memory()
+        share_the_gil_quickly()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_running = max_running

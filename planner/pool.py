@@ -156,10 +156,16 @@ class PlannerPool:
 
     # The engine's side (engine thread) -------------------------------------
     def submit(self, job: PlanJob) -> None:
-        self._loop.call_soon_threadsafe(self._enqueue, job)
+        try:
+            self._loop.call_soon_threadsafe(self._enqueue, job)
+        except (AttributeError, RuntimeError):  # not started, or its event loop is gone: answer at once
+            self.post(PlanDropped(job.session, job.planned_at, "error", "the planner pool is not running"))
 
     def discard(self, session: Hashable) -> None:
-        self._loop.call_soon_threadsafe(self._discard, session)
+        try:
+            self._loop.call_soon_threadsafe(self._discard, session)
+        except (AttributeError, RuntimeError):
+            pass
 
     # Queueing (event loop) ---------------------------------------------------
     def _shard(self, session: Hashable) -> _Shard:

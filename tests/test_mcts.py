@@ -122,3 +122,30 @@ def _walk(node):
     yield node
     for child in node.visited_children():
         yield from _walk(child)
+
+
+def test_the_planner_reuses_a_session_tree_along_the_tokens_generated_since_its_last_plan():
+    from engine.thinking import PlanJob, ThinkParams
+    from planner.planner import Planner
+    from planner.simulators import BackboneSimulator
+    from tests.conftest import make_model
+
+    model = make_model(seed=8)
+    torch.manual_seed(0)
+    planner = Planner(BackboneSimulator(model, PlannerNet.for_backbone(model)))
+    params = ThinkParams(simulations=24, time_budget_ms=60_000, deliberation_lag=1)
+    with torch.inference_mode():
+        logits, state = model.prefill(torch.tensor([[1, 2, 3]]))
+        pending = int(logits.argmax())
+        [first] = planner.run([PlanJob("s", 0, state.clone(), logits[0], [pending], params)])
+        tree, _ = planner._trees["s"]
+        node = tree.follow([pending, first.path[1]])
+        assert node is not None
+        kept = node.visits
+        step_logits = model.step(torch.tensor([pending]), state)  # the engine feeds the pending token...
+        [second] = planner.run([PlanJob("s", 1, state.clone(), step_logits[0], [pending, first.path[1]], params)])
+        reused, _ = planner._trees["s"]
+        assert reused is tree and tree.root is node.parent  # ...and the tree is re-rooted on the real state
+        assert tree.follow([first.path[1]]).visits >= kept
+        planner.forget("s")
+        assert planner.sessions == 0
