@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.injection import DEFAULT_MAX_NORM, effective_rate, inject
 from engine.models import MambaLMHeadModel
 from engine.runtime import keep_freed_memory, share_the_gil_quickly
 from engine.sampling import SampleOutput, SamplingParams, sample
-from engine.injection import DEFAULT_MAX_NORM, effective_rate, inject
 from engine.sessions import PrefixCache, Session, SessionStore
 from engine.state import MambaState
 from engine.thinking import (
@@ -389,6 +389,8 @@ class Engine:
                 continue
             seq.cached = seq.history
             seq.prompt_total = seq.history + len(seq.to_feed)
+            if seq.totals is not None:
+                self._thinking[seq.handle.id] = seq
             if seq.seen is not None:
                 seq.seen[torch.tensor([t for t in req.prompt_ids if 0 <= t < self.vocab], dtype=torch.long)] = True
             self._prefilling.append(seq)
@@ -505,7 +507,6 @@ class Engine:
         seq.last_plan = fed
         seq.outstanding[fed] = job.apply_at
         seq.totals.plans += 1
-        self._thinking[seq.handle.id] = seq
         self.planner.submit(job)
 
     def _collect_results(self) -> None:

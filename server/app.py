@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from engine.chat import ChatTemplate, ChatTemplateError
 from engine.sampling import SamplingParams
 from engine.scheduler import Engine, EngineDead, EngineOverloaded, FinishEvent, GenerationRequest, TokenEvent
-from engine.thinking import ThinkParams, ThoughtEvent
 from engine.sessions import Session, SessionBusy, SessionNotFound, SessionTooLarge
+from engine.thinking import ThinkParams, ThoughtEvent
 from engine.tokenizer import Tokenizer
 from server.errors import APIError, error_body, install_error_handlers
 from server.metrics import Metrics

@@ -53,13 +53,17 @@ def run_streams(model, checkpoint, think: ThinkParams, target=None, streams=3, n
             handles = [engine.submit(GenerationRequest(TOK.encode(f"stream {i}: "), SamplingParams(temperature=0),
                                                        max_tokens=n, ignore_eos=True, think=think))
                        for i in range(streams)]
-            return [[e async for e in h.events()] for h in handles]
+            return await asyncio.gather(*[collect(h) for h in handles])
         finally:
             engine.shutdown()
             await pool.stop()
 
     results = asyncio.run(asyncio.wait_for(main(), timeout=120))
     return results, counts
+
+
+async def collect(handle) -> list:
+    return [e async for e in handle.events()]
 
 
 def summary(results):
