@@ -55,12 +55,12 @@ class SearchConfig:
 class Node:
     __slots__ = ("parent", "token", "row", "actions", "priors", "children", "pending", "visits", "value_sum", "value")
 
-    def __init__(self, parent: "Node | None", token: int, row: int, logits: Tensor, value: float, top_k: int,
-                 extra: Sequence[int] = ()):
+    def __init__(self, parent: "Node | None", token: int, row: int, actions: list[int], priors: list[float],
+                 value: float):
         self.parent = parent
         self.token = token
         self.row = row  # this node's state in the tree's store
-        self.actions, self.priors = top_actions(logits, top_k, extra)
+        self.actions, self.priors = actions, priors
         self.children: list[Node | None] = [None] * len(self.actions)
         self.pending: set[int] = set()  # slots selected in this round, not yet expanded
         self.visits = 1  # its own evaluation
@@ -109,6 +109,11 @@ def top_actions(logits: Tensor, k: int, extra: Sequence[int] = ()) -> tuple[list
     return tokens, priors.tolist()
 
 
+def _renormalised(p: list[float]) -> list[float]:
+    total = sum(p)
+    return [x / total for x in p] if total > 0 else [1.0 / len(p)] * len(p)
+
+
 def normalised(q: float) -> float:
     return (q + 1.0) / 2.0
 
@@ -137,7 +142,7 @@ class Tree:
         self.store = tuple(s.clone() for s in states)  # each (n_layer, rows, ...)
         self.rows = states[0].shape[1]
         self.top_k = top_k
-        self.root = Node(None, -1, 0, root_logits, root_value, top_k, extra)
+        self.root = Node(None, -1, 0, *top_actions(root_logits, top_k, extra), root_value)
         self.search_root = self.root  # where simulations start (the root, or the end of a forced prefix)
 
     # States -------------------------------------------------------------
@@ -203,8 +208,9 @@ class Tree:
                 best, best_score = slot, score
         return best
 
-    def expand(self, path: list[Node], node: Node, slot: int, row: int, logits: Tensor, value: float) -> Node:
-        child = Node(node, node.actions[slot], row, logits, value, self.top_k)
+    def expand(self, path: list[Node], node: Node, slot: int, row: int, actions: list[int], priors: list[float],
+               value: float) -> Node:
+        child = Node(node, node.actions[slot], row, actions, priors, value)
         node.children[slot] = child
         node.pending.discard(slot)
         for n in path:  # the virtual visit becomes the real one; its -1 becomes the value
@@ -281,12 +287,18 @@ def _evaluate(trees: list[Tree], leaves: list[tuple[int, list[Node], Node, int]]
         tokens = as_long([node.actions[slot] for _, _, node, slot in chunk])
         out = simulator.expand(states, tokens)
         values = out.values.tolist()
+        # The children's moves for the whole chunk at once: one top-k and one softmax, not one per leaf.
+        k = min(max(trees[ti].top_k for ti in groups), out.logits.shape[-1])
+        top = torch.topk(out.logits.float().nan_to_num(nan=0.0, posinf=1e4, neginf=-1e4), k)
+        actions, priors = top.indices.tolist(), torch.softmax(top.values, dim=-1).tolist()
         for ti, js in groups.items():
             tree = trees[ti]
             rows = tree.add_rows(tuple(s[:, js[0] : js[-1] + 1] for s in out.states))
+            kt = min(tree.top_k, k)
             for j, row in zip(js, rows):
                 _, path, node, slot = chunk[j]
-                tree.expand(path, node, slot, row, out.logits[j], values[j])
+                p = priors[j][:kt] if kt == k else _renormalised(priors[j][:kt])
+                tree.expand(path, node, slot, row, actions[j][:kt], p, values[j])
 
 
 def prepare_prefix(trees: list[Tree], prefixes: list[list[int]], simulator: Simulator, max_batch: int) -> list[int]:
