@@ -548,8 +548,7 @@ class Engine:
         now = time.monotonic()
         for seq in list(self._paused):
             due = self._due_jobs(seq)
-            limit = 4 * seq.req.think.time_budget_ms / 1000.0 + 10.0  # the pool's own hang limit comes first
-            if due and now - seq.paused_since < limit:
+            if due and now - seq.paused_since < seq.req.think.max_wait_s:
                 continue
             for planned_at in due:
                 seq.outstanding.pop(planned_at, None)

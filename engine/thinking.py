@@ -54,6 +54,15 @@ class ThinkParams:
     wait: bool = True  # bounded lag: at apply_at the sequence waits for its plan (the others go on)
 
     @property
+    def max_wait_s(self) -> float:
+        """How long a waiting sequence waits for a due plan before going on without it (counted ``timeout``).
+
+        Twice the search budget plus 100 ms: room for a search queued behind
+        another, never a stall set by a hung or crashed worker.
+        """
+        return 2 * self.time_budget_ms / 1000.0 + 0.1
+
+    @property
     def synchronous(self) -> bool:
         """Lag 0 always waits: the plan of the current step cannot land later."""
         return self.wait or self.deliberation_lag == 0
