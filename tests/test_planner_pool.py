@@ -97,6 +97,8 @@ def test_a_failing_worker_never_stops_a_stream(checkpoint, fault, outcome):
     results, counts = run_streams(model, path, think, target=getattr(planner_faults, fault), hang_grace_s=0.5)
     tokens, thoughts, reasons = summary(results)
     assert tokens == [24, 24, 24] and reasons == ["length"] * 3
-    assert counts.jobs[outcome] == 3  # the pool answered every job with the failure, and counted it
-    # the waiting streams went on: with that answer, or at their own wait limit if it came later
-    assert thoughts[outcome] + thoughts["timeout"] == 3
+    # The pool answered every job and counted the failure (jobs still queued when their stream ended are
+    # discarded); the waiting streams went on with that answer, or at their own wait limit if it came later.
+    assert counts.jobs[outcome] >= 1 and counts.jobs[outcome] + counts.jobs["discarded"] == 3
+    assert counts.jobs["completed"] == 0
+    assert sum(thoughts.values()) == 3 and set(thoughts) <= {outcome, "timeout"}
