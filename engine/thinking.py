@@ -57,10 +57,11 @@ class ThinkParams:
     def max_wait_s(self) -> float:
         """How long a waiting sequence waits for a due plan before going on without it (counted ``timeout``).
 
-        Twice the search budget plus 100 ms: room for a search queued behind
-        another, never a stall set by a hung or crashed worker.
+        Four times the search budget plus a second: room for a search queued
+        behind others on a busy machine, never a stall set by a hung or
+        crashed worker (the pool's own hang limit is about the same).
         """
-        return 2 * self.time_budget_ms / 1000.0 + 0.1
+        return 4 * self.time_budget_ms / 1000.0 + 1.0
 
     @property
     def synchronous(self) -> bool:
