@@ -112,19 +112,6 @@ class MambaState:
         """Split a batch into independent single-sequence states."""
         return [self.select([i]) for i in range(self.batch_size)]
 
-    # The SSM states, for the planner's blending ----------------------
-    def ssm_view(self) -> Tensor:
-        """The live SSM tensor (n_layer, b, d_inner, d_state); writes to it change the state."""
-        return self.ssm
-
-    def replace_ssm(self, new_ssm: Tensor) -> None:
-        """Replace the SSM states in place (same shape; finite values only)."""
-        if new_ssm.shape != self.ssm.shape:
-            raise StateError(f"new ssm shape {tuple(new_ssm.shape)} != {tuple(self.ssm.shape)}")
-        if not torch.isfinite(new_ssm).all():
-            raise StateError("new ssm state has non-finite values")
-        self.ssm.copy_(new_ssm)
-
     # Serialisation -----------------------------------------------------
     def to_bytes(self) -> bytes:
         """safetensors bytes: no pickle, dtype and shape recorded."""
