@@ -1,16 +1,19 @@
-"""Stage 1: train the Mamba backbone as a byte-level causal LM.
+"""Stage 1: train the Mamba backbone as a byte-level causal LM on text and checkable tasks.
 
-AdamW with warmup + cosine decay, gradient clipping, held-out evaluation in
-bits per byte, tqdm progress, metrics as JSONL. Resumable: every
-``save_every`` steps the model, the optimizer moments (safetensors, no
-pickle) and the step are written atomically to ``<out>/train_state``; a run
-started again continues from there. The final model is a normal checkpoint
-(``<out>/checkpoint``) whose manifest carries the training record.
+AdamW with warmup + cosine decay, gradient clipping, optional bf16 autocast,
+held-out evaluation in bits per byte, tqdm progress, metrics as JSONL and a
+loss-curve PNG, resumable (see :mod:`engine.train.common`).
+
+Each batch row is a window of the text corpus, or, with probability
+``task_fraction``, a window of the stream of generated training problems
+(:mod:`engine.train.tasks`), so the model learns to answer them and the
+later stages have something checkable. Under ``torchrun`` every rank draws the
+same global batch (one seed) and trains on its own rows, so N processes
+compute what one process does on the whole batch.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from engine.checkpoint import save_checkpoint
@@ -27,31 +29,43 @@ from engine.config import MambaConfig
 from engine.models import MambaLMHeadModel
 from engine.runtime import keep_freed_memory
 from engine.tokenizer import ByteTokenizer
+from engine.train import tasks
+from engine.train.common import (Dist, Metrics, all_mean, load_section, load_train_state, save_train_state,
+                                 setup_distributed, teardown_distributed, wrap_ddp)
 from engine.train.data import load_split
 
 
 @dataclass
 class BackboneConfig:
     data_dir: str = "data/pydoc"
-    out_dir: str = "runs/backbone"
+    out_dir: str = "runs/default"  # the stage writes under <out_dir>/backbone
     model: dict = field(default_factory=lambda: {"d_model": 256, "n_layer": 4})
     seq_len: int = 256
-    batch_size: int = 16
+    batch_size: int = 16  # global: split over ranks under torchrun
     steps: int = 2000
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    task_fraction: float = 0.25  # share of batch rows drawn from the generated problems
+    task_bytes: int = 4_000_000  # size of the generated problem stream
+    bf16: bool = False  # autocast matmuls to bfloat16 (weights and optimizer stay float32)
     eval_every: int = 200
     eval_batches: int = 20
     save_every: int = 200
+    stop_at: int = 0  # stop at this step with the state saved (split a run over sessions); 0: run to the end
     seed: int = 0
     threads: int = 0
+    device: str = "auto"
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "BackboneConfig":
-        return cls(**json.loads(Path(path).read_text()))
+    def from_file(cls, path: str | Path, **overrides) -> "BackboneConfig":
+        return load_section(cls, path, "backbone", **overrides)
+
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.out_dir) / "backbone"
 
 
 def lr_at(step: int, cfg: BackboneConfig) -> float:
@@ -61,124 +75,130 @@ def lr_at(step: int, cfg: BackboneConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def batch(data: np.ndarray, cfg: BackboneConfig, gen: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = gen.integers(0, len(data) - cfg.seq_len - 1, size=cfg.batch_size)
-    rows = np.stack([data[s : s + cfg.seq_len + 1] for s in starts]).astype(np.int64)
+def windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
+    return np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+
+
+def batch(text: np.ndarray, task_stream: np.ndarray | None, cfg: BackboneConfig,
+          gen: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A global batch of (inputs, next bytes): text windows, some rows replaced by task windows."""
+    rows = windows(text, gen.integers(0, len(text) - cfg.seq_len - 1, size=cfg.batch_size), cfg.seq_len)
+    is_task = gen.random(cfg.batch_size) < cfg.task_fraction
+    if task_stream is not None and is_task.any():
+        starts = gen.integers(0, len(task_stream) - cfg.seq_len - 1, size=int(is_task.sum()))
+        rows[is_task] = windows(task_stream, starts, cfg.seq_len)
     t = torch.from_numpy(rows)
     return t[:, :-1], t[:, 1:]
 
 
 @torch.no_grad()
-def evaluate_bpb(model: MambaLMHeadModel, data: np.ndarray, cfg: BackboneConfig) -> float:
-    """Held-out bits per byte over fixed windows (the same windows every evaluation)."""
+def bits_per_byte(model: MambaLMHeadModel, data: np.ndarray, seq_len: int, batches: int, batch_size: int,
+                  device: torch.device = torch.device("cpu")) -> float:
+    """Held-out bits per byte over fixed windows (the same windows at every evaluation)."""
+    was_training = model.training
     model.eval()
     gen = np.random.default_rng(1234)
     total, count = 0.0, 0
-    for _ in range(cfg.eval_batches):
-        x, y = batch(data, cfg, gen)
+    for _ in range(batches):
+        rows = torch.from_numpy(windows(data, gen.integers(0, len(data) - seq_len - 1, size=batch_size), seq_len))
+        x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
         logits, _ = model(x)
-        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
-    model.train()
+    model.train(was_training)
     return total / count / math.log(2)
 
 
-def _save_state(out: Path, model: MambaLMHeadModel, opt: torch.optim.Optimizer, step: int, cfg: BackboneConfig) -> None:
-    """Model + optimizer moments + step, written to a temp dir then renamed."""
-    tmp = out / "train_state.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {f"model/{k}": v.contiguous() for k, v in model.state_dict().items()
-               if k != "lm_head.weight" or not model.config.tie_embeddings}
-    scalars: dict[str, dict] = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if not st:
-                continue
-            n = names[id(p)]
-            tensors[f"exp_avg/{n}"] = st["exp_avg"].contiguous()
-            tensors[f"exp_avg_sq/{n}"] = st["exp_avg_sq"].contiguous()
-            scalars[n] = {"step": float(st["step"])}
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "adam_steps": scalars, "config": asdict(cfg)}))
-    final = out / "train_state"
-    if final.exists():
-        old = out / "train_state.old"
-        final.rename(old)
-        tmp.rename(final)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(final)
+def build_model(cfg: BackboneConfig) -> MambaLMHeadModel:
+    model = MambaLMHeadModel(MambaConfig(vocab_size=ByteTokenizer().vocab_size, **cfg.model))
+    model.init_weights(seed=cfg.seed)
+    return model
 
 
-def _load_state(out: Path, model: MambaLMHeadModel, opt: torch.optim.Optimizer) -> int:
-    state_dir = out / "train_state"
-    if not (state_dir / "state.json").is_file():
-        return 0
-    meta = json.loads((state_dir / "state.json").read_text())
-    tensors = load_file(str(state_dir / "state.safetensors"))
-    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
-                          strict=not model.config.tie_embeddings)
-    params = dict(model.named_parameters())
-    for n, scal in meta["adam_steps"].items():
-        p = params[n]
-        opt.state[p] = {"step": torch.tensor(scal["step"]), "exp_avg": tensors[f"exp_avg/{n}"].clone(),
-                        "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].clone()}
-    return int(meta["step"])
+def make_optimizer(model: torch.nn.Module, cfg: BackboneConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "A_log" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "A_log" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def train(cfg: BackboneConfig) -> Path:
+    """Train (or resume) and write ``<out_dir>/backbone/checkpoint``; returns its path."""
+    d = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, d)
+    finally:
+        teardown_distributed()
+
+
+def _train(cfg: BackboneConfig, d: Dist) -> Path:
+    if cfg.batch_size % d.world:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split over {d.world} processes")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     keep_freed_memory()
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
+    out = cfg.stage_dir
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(cfg.data_dir)
-    train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
-    tok = ByteTokenizer()
-    model = MambaLMHeadModel(MambaConfig(vocab_size=tok.vocab_size, **cfg.model))
-    model.init_weights(seed=cfg.seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "A_log" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "A_log" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    start = _load_state(out, model, opt)
-    gen = np.random.default_rng(cfg.seed + start)  # resumed runs draw fresh batches, deterministically
-    metrics = open(out / "metrics.jsonl", "a")
+    text, val_text = load_split(data_dir, "train"), load_split(data_dir, "val")
+    task_stream = (np.frombuffer(tasks.corpus(cfg.task_bytes, cfg.seed), dtype=np.uint8)
+                   if cfg.task_fraction > 0 else None)
+    model = build_model(cfg).to(d.device)
+    opt = make_optimizer(model, cfg)
+    start, _ = load_train_state(out, model, opt)
+    ddp = wrap_ddp(model, d)
+    metrics = Metrics(out, start, enabled=d.main)
     t0 = time.time()
     model.train()
     bpb = None
-    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="backbone", mininterval=5):
+    rows = slice(d.rank, None, d.world)
+    end = min(cfg.stop_at, cfg.steps) if cfg.stop_at else cfg.steps
+    steps = range(start, end)
+    for step in tqdm(steps, initial=start, total=cfg.steps, desc="backbone", mininterval=10, disable=not d.main):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = batch(train_data, cfg, gen)
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        # One generator per step: a resumed run draws exactly the batches the uninterrupted run would have.
+        x, y = batch(text, task_stream, cfg, np.random.default_rng([cfg.seed, step]))
+        x, y = x[rows].to(d.device), y[rows].to(d.device)
+        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits, _ = ddp(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        record = {"step": step + 1, "loss": loss.item(), "train_bpb": loss.item() / math.log(2),
+        mean_loss = all_mean(loss.item(), d)
+        record = {"step": step + 1, "loss": mean_loss, "train_bpb": mean_loss / math.log(2),
                   "lr": opt.param_groups[0]["lr"], "grad_norm": float(norm), "elapsed_s": time.time() - t0}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            bpb = evaluate_bpb(model, val_data, cfg)
+        last = step + 1 == cfg.steps
+        if d.main and ((step + 1) % cfg.eval_every == 0 or last):
+            bpb = bits_per_byte(model, val_text, cfg.seq_len, cfg.eval_batches, cfg.batch_size, d.device)
             record["val_bpb"] = bpb
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _save_state(out, model, opt, step + 1, cfg)
-    metrics.close()
-    if bpb is None:
-        bpb = evaluate_bpb(model, val_data, cfg)
-    data_record = json.loads((data_dir / "data.json").read_text())
-    return save_checkpoint(
-        model.eval(), out / "checkpoint",
-        producer={"tool": "engine.train backbone", "config": asdict(cfg)},
-        record={"stage": "backbone", "data": data_record, "steps": cfg.steps,
-                "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len, "val_bits_per_byte": bpb,
-                "train_wall_seconds_this_run": time.time() - t0},
-    )
+        metrics.write(record)
+        if d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
+            save_train_state(out, model, opt, step + 1, cfg)
+    metrics.close("backbone: loss and held-out bits per byte", ["train_bpb", "val_bpb"])
+    ckpt = out / "checkpoint"
+    if end < cfg.steps:
+        return out / "train_state"
+    if d.main:
+        if bpb is None:
+            bpb = bits_per_byte(model, val_text, cfg.seq_len, cfg.eval_batches, cfg.batch_size, d.device)
+        data_record = json_or_empty(data_dir / "data.json")
+        save_checkpoint(
+            model.cpu().eval(), ckpt,
+            producer={"tool": "engine.train backbone", "config": asdict(cfg)},
+            record={"stage": "backbone", "data": data_record, "tasks": {"kinds": list(tasks.KINDS),
+                    "task_fraction": cfg.task_fraction}, "steps": cfg.steps, "processes": d.world,
+                    "bytes_seen": cfg.steps * cfg.batch_size * cfg.seq_len, "val_bits_per_byte": bpb,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "train_wall_seconds_this_run": time.time() - t0},
+        )
+    return ckpt
+
+
+def json_or_empty(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
