@@ -14,12 +14,13 @@ norm would pass ``max_norm`` is scaled back onto that sphere. With
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from engine.thinking import ThinkParams
+from engine.thinking import StateDelta, ThinkParams
 
 DEFAULT_MAX_NORM = 1e4
 
@@ -61,3 +62,29 @@ def inject(h: Tensor, change: Tensor, a_eff: float, trust_region: float, max_nor
     delta_norm = float((blended - h).norm())
     h.copy_(blended)
     return Injection("applied", a_eff, delta_norm)
+
+
+@dataclass(frozen=True)
+class Landing:
+    result: str  # an INJECTION_RESULTS value
+    confidence: float
+    a_eff: float
+    delta_norm: float
+
+
+def land(h: Tensor, delta: StateDelta, taken: Sequence[int], realised_lag: int, params: ThinkParams,
+         max_norm: float = DEFAULT_MAX_NORM) -> Landing:
+    """Land ``delta`` on ``h`` once the sequence has ``taken`` these tokens since it was planned.
+
+    The node the sequence reached is looked up in the delta's tree; its
+    change is blended in, gated by its confidence (see the module doc), or
+    the delta is dropped as stale or diverged. The engine and the offline
+    evaluation (:mod:`engine.train.evaluate`) both land deltas through here.
+    """
+    found, branch = delta.lookup(taken) if realised_lag <= params.max_staleness else ("stale", None)
+    if branch is None:
+        return Landing(found, 0.0, 0.0, 0.0)
+    confidence = float(delta.confidences[branch])
+    injection = inject(h, delta.changes[branch], effective_rate(confidence, params, realised_lag),
+                       params.trust_region, max_norm)
+    return Landing(injection.result, confidence, injection.a_eff, injection.delta_norm)

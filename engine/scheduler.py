@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.injection import DEFAULT_MAX_NORM, effective_rate, inject
+from engine.injection import DEFAULT_MAX_NORM, land
 from engine.models import MambaLMHeadModel
 from engine.runtime import keep_freed_memory, share_the_gil_quickly
 from engine.sampling import SampleOutput, SamplingParams, sample
@@ -576,21 +576,12 @@ class Engine:
 
     def _land(self, seq: _Sequence, h: torch.Tensor, delta: StateDelta, fed: int) -> None:
         """Blend one delta into ``h`` (the sequence's live SSM state, (n_layer, d_inner, d_state))."""
-        params = seq.req.think
         lag = fed - delta.planned_at
         taken = seq.generated[delta.planned_at : fed + 1]  # tokens fed since planned_at, and the pending one
-        confidence, a_eff, norm = 0.0, 0.0, 0.0
-        found, branch = delta.lookup(taken) if lag <= params.max_staleness else ("stale", None)
-        if branch is None:
-            result = found
-        else:
-            confidence = float(delta.confidences[branch])
-            injection = inject(h, delta.changes[branch], effective_rate(confidence, params, lag),
-                               params.trust_region, self.max_state_norm)
-            result, a_eff, norm = injection.result, injection.a_eff, injection.delta_norm
-        self.observer.on_injection(result, confidence, a_eff, lag)
-        self._thought(seq, ThoughtEvent(delta.planned_at, fed, result, confidence, a_eff, norm, delta.path,
-                                        delta.simulations, time.monotonic()))
+        landing = land(h, delta, taken, lag, seq.req.think, self.max_state_norm)
+        self.observer.on_injection(landing.result, landing.confidence, landing.a_eff, lag)
+        self._thought(seq, ThoughtEvent(delta.planned_at, fed, landing.result, landing.confidence, landing.a_eff,
+                                        landing.delta_norm, delta.path, delta.simulations, time.monotonic()))
 
     def _thought(self, seq: _Sequence, event: ThoughtEvent) -> None:
         seq.totals.count(event.outcome)
