@@ -125,8 +125,14 @@ class PlannerNet(nn.Module):
 
     def evaluate(self, ssm: Tensor, features: Tensor | None = None) -> Evaluation:
         f = self.features(ssm) if features is None else features
-        L, b, _ = f.shape
+        b = f.shape[1]
         logits = self.policy_out(F.silu(self.policy_in(f.transpose(0, 1).reshape(b, -1))))
+        value, layer_values = self.values(f)
+        return Evaluation(logits, value, layer_values)
+
+    def values(self, f: Tensor) -> tuple[Tensor, Tensor]:
+        """Consensus value (b,) and per-layer values (b, n_layer) from features (n_layer, b, d_inner)."""
+        L = f.shape[0]
         hidden = F.silu(torch.baddbmm(self.value_b1, f, self.value_w1))
         layer_values = torch.tanh((hidden * self.value_w2).sum(-1) + self.value_b2).t()  # (b, L)
         if L > 1:
@@ -134,7 +140,7 @@ class PlannerNet(nn.Module):
         else:
             std = torch.zeros_like(layer_values[:, 0])
         value = (layer_values.mean(-1) - self.config.value_std_penalty * std).clamp(-1.0, 1.0)
-        return Evaluation(logits, value, layer_values)
+        return value, layer_values
 
     def dynamics(self, ssm: Tensor, tokens: Tensor, features: Tensor | None = None) -> Tensor:
         """Predicted next state (L, b, D, N) after feeding ``tokens`` (b,) from ``ssm``."""
@@ -147,8 +153,10 @@ class PlannerNet(nn.Module):
         out = torch.baddbmm(self.out_bias, u, self.out_weight)  # (L, b, 2D + N)
         dt_raw, x, B = torch.split(out, [D, D, N], dim=-1)
         dt = F.softplus(dt_raw + self.dt_bias)
-        nxt = dt.unsqueeze(-1) * (torch.exp(self.A_log) * -LOG2E).unsqueeze(1)
-        nxt = nxt.exp2_().mul_(ssm)  # exp(dt A) * h; exp2 is several times faster than exp on CPU
+        decay = dt.unsqueeze(-1) * (torch.exp(self.A_log) * -LOG2E).unsqueeze(1)
+        if torch.is_grad_enabled():  # training (engine.train.dynamics): out of place, for autograd
+            return torch.exp2(decay) * ssm + (dt * x).unsqueeze(-1) * B.unsqueeze(-2)
+        nxt = decay.exp2_().mul_(ssm)  # exp(dt A) * h; exp2 is several times faster than exp on CPU
         nxt.view(L * b, D, N).baddbmm_((dt * x).reshape(L * b, D, 1), B.reshape(L * b, 1, N))  # + (dt x) B
         return nxt
 
