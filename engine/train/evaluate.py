@@ -1,0 +1,258 @@
+"""``eval``: held-out bits per byte and task accuracy, planner off and on, same prompts and seeds.
+
+- **Bits per byte** on fixed held-out text windows, read token by token with
+  the engine's decode step. With the planner on, every ``plan_every`` bytes
+  a search runs from each window's state (all windows' trees in one batched
+  :meth:`planner.planner.Planner.run`), and its delta lands ``deliberation_lag``
+  bytes later through :func:`engine.injection.land`, the engine's own rule.
+  Both arms read the same bytes through the same loop, so the only difference
+  is what the injections did. Per-window differences give a bootstrap
+  confidence interval.
+- **Task accuracy** on held-out generated problems, greedy, through the real
+  :class:`engine.scheduler.Engine` (continuous batching, bounded lag). The
+  planner runs in the engine thread (:class:`InlinePlanner`), so a delta
+  always lands at exactly its lag and a run is reproducible; the server runs
+  the same search in worker processes. Each think setting of ``arms`` is
+  compared with planner off on the same problems: Wilson intervals per arm,
+  a paired bootstrap interval on the difference, and the discordant counts.
+
+Deliberation settings are :class:`engine.thinking.ThinkParams`; the search's
+wall-time budget is raised so that a run is bounded by simulations only
+(a loaded machine does not change the result).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Hashable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.checkpoint import load_model
+from engine.injection import land
+from engine.models import MambaLMHeadModel
+from engine.sampling import SamplingParams
+from engine.scheduler import Engine, FinishEvent, GenerationRequest, TokenEvent
+from engine.thinking import PlanJob, StateDelta, ThinkParams
+from engine.tokenizer import ByteTokenizer
+from engine.train import tasks
+from engine.train.common import load_section
+from engine.train.data import load_split
+from engine.train.dynamics import sample_windows
+from planner.model import load_planner
+from planner.planner import Planner
+from planner.simulators import make_simulator
+from planner.worker import choose_simulator
+
+DEFAULT_ARMS = {
+    "server_defaults": {},  # what a request with "think": {} gets
+    "eager": {"deliberation_lag": 1, "plan_every": 1, "simulations": 64},  # every byte, landing one byte later
+    "control_no_injection": {"injection_rate": 0.0},  # the planner runs, nothing lands: must equal off
+}
+
+
+@dataclass
+class EvalConfig:
+    out_dir: str = "runs/default"  # evaluates <out_dir>/checkpoint, writes <out_dir>/eval.json
+    data_dir: str = "data/pydoc"
+    checkpoint: str = ""
+    problems: int = 500
+    max_answer_tokens: int = 16
+    text_windows: int = 32
+    text_prefix: int = 64
+    text_bytes: int = 256
+    simulator: str = "auto"  # as the server's --planner-simulator
+    arms: dict = field(default_factory=lambda: dict(DEFAULT_ARMS))
+    bootstrap: int = 2000
+    seed: int = 0
+    threads: int = 0
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "EvalConfig":
+        return load_section(cls, path, "eval", **overrides)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint) if self.checkpoint else Path(self.out_dir) / "checkpoint"
+
+
+def think_params(overrides: dict[str, Any]) -> ThinkParams:
+    """The arm's settings; the search is bounded by simulations, not by this machine's speed."""
+    return ThinkParams(**{"time_budget_ms": 60_000.0, **overrides})
+
+
+class InlinePlanner:
+    """A :class:`engine.thinking.PlannerLink` that searches at once, in the engine thread."""
+
+    def __init__(self, planner: Planner):
+        self.planner = planner
+        self.engine: Engine | None = None
+
+    def submit(self, job: PlanJob) -> None:
+        assert self.engine is not None
+        self.engine.post_result(self.planner.run([job])[0])
+
+    def discard(self, session: Hashable) -> None:
+        self.planner.forget(session)
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def paired_bootstrap(diffs: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
+    """95% interval of the mean of paired differences."""
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(samples, len(diffs)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+# Held-out text -------------------------------------------------------------------
+@torch.inference_mode()
+def text_bits(model: MambaLMHeadModel, ids: torch.Tensor, prefix: int, planner: Planner | None,
+              params: ThinkParams) -> tuple[np.ndarray, dict[str, int]]:
+    """Bits per byte of each window's bytes after ``prefix``, and the injections' outcomes."""
+    vocab = model.config.vocab_size
+    logits, state = model.prefill(ids[:, :prefix])
+    text = ids[:, prefix:]
+    rows, length = text.shape
+    nll = torch.zeros(rows, dtype=torch.float64)
+    pending: list[StateDelta] = []
+    outcomes: dict[str, int] = {}
+    for i in range(length):
+        nll += F.cross_entropy(logits[:, :vocab].float(), text[:, i], reduction="none").double()
+        if planner is not None:
+            if i % params.plan_every == 0:
+                jobs = [PlanJob(r, i, state.select([r]), logits[r, :vocab].float().clone(), text[r, : i + 1].tolist(),
+                                params) for r in range(rows)]
+                pending += planner.run(jobs)
+            for delta in [d for d in pending if d.apply_at <= i]:
+                r = int(delta.session)
+                landing = land(state.ssm[:, r], delta, text[r, delta.planned_at : i + 1].tolist(),
+                               i - delta.planned_at, params)
+                outcomes[landing.result] = outcomes.get(landing.result, 0) + 1
+            pending = [d for d in pending if d.apply_at > i]
+        logits = model.step(text[:, i], state)
+    return (nll / length / math.log(2)).numpy(), outcomes
+
+
+# Tasks ------------------------------------------------------------------------------
+def answer(engine: Engine, problems: list[tasks.Problem], think: ThinkParams | None, max_tokens: int,
+           seed: int) -> tuple[list[str], dict[str, int]]:
+    """Greedy answers of every problem through the engine, all submitted at once; and think outcomes."""
+    tok = ByteTokenizer()
+
+    async def run() -> tuple[list[str], dict[str, int]]:
+        handles = [engine.submit(GenerationRequest(tok.encode(p.prompt), SamplingParams(temperature=0.0, seed=seed),
+                                                   max_tokens=max_tokens, stop=["\n"], think=think))
+                   for p in problems]
+        texts, outcomes = [], {}
+        for handle in handles:
+            parts = []
+            async for event in handle.events():
+                if isinstance(event, TokenEvent):
+                    parts.append(event.text)
+                elif isinstance(event, FinishEvent):
+                    parts.append(event.text)
+                    if event.error:
+                        raise RuntimeError(f"generation failed: {event.error}")
+                    if event.usage.think is not None:
+                        for k, v in event.usage.think.as_dict().items():
+                            outcomes[k] = outcomes.get(k, 0) + int(v)
+            texts.append("".join(parts))
+        return texts, outcomes
+
+    return asyncio.run(run())
+
+
+def compare(off: list[bool], on: list[bool], samples: int, seed: int) -> dict[str, Any]:
+    a, b = np.array(off, dtype=float), np.array(on, dtype=float)
+    n = len(a)
+    lo, hi = paired_bootstrap(b - a, samples, seed)
+    return {"accuracy_on": float(b.mean()), "accuracy_on_ci95": wilson(int(b.sum()), n),
+            "difference_points": 100 * float((b - a).mean()), "difference_points_ci95": (100 * lo, 100 * hi),
+            "right_only_on": int(((b == 1) & (a == 0)).sum()), "right_only_off": int(((a == 1) & (b == 0)).sum())}
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    loaded = load_model(cfg.checkpoint_dir)
+    model = loaded.model.float().eval()
+    planner_net = load_planner(cfg.checkpoint_dir, model)
+    with torch.inference_mode():
+        kind, timing = choose_simulator(cfg.simulator, model, planner_net.net, planner_net.trained)
+    simulator = make_simulator(kind, model, planner_net.net)
+    arms = {name: think_params(over) for name, over in cfg.arms.items()}
+
+    # Held-out text.
+    val = load_split(Path(cfg.data_dir), "val")
+    ids = sample_windows(val, None, cfg.text_windows, cfg.text_prefix + cfg.text_bytes, 0.0,
+                         np.random.default_rng(cfg.seed + 2024))
+    bits_off, _ = text_bits(model, ids, cfg.text_prefix, None, ThinkParams())
+    text: dict[str, Any] = {"windows": cfg.text_windows, "bytes_per_window": cfg.text_bytes,
+                            "bits_per_byte_off": float(bits_off.mean())}
+    for name, params in arms.items():
+        bits_on, outcomes = text_bits(model, ids, cfg.text_prefix, Planner(simulator), params)
+        rel = bits_on / bits_off - 1
+        lo, hi = paired_bootstrap(rel, cfg.bootstrap, cfg.seed)
+        text[name] = {"bits_per_byte_on": float(bits_on.mean()),
+                      "relative_change_percent": 100 * float(bits_on.mean() / bits_off.mean() - 1),
+                      "relative_change_percent_ci95": (100 * lo, 100 * hi), "injections": outcomes}
+
+    # Held-out problems.
+    problems = tasks.problems(cfg.problems, "heldout", seed=cfg.seed + 11)
+    link = InlinePlanner(Planner(simulator))
+    engine = Engine(model, ByteTokenizer(), max_running=32, max_waiting=len(problems) + 1, planner=link)
+    link.engine = engine
+    engine.start()
+    try:
+        answers_off, _ = answer(engine, problems, None, cfg.max_answer_tokens, cfg.seed)
+        right_off = [tasks.verify(p.question, a) for p, a in zip(problems, answers_off)]
+        task: dict[str, Any] = {"problems": len(problems), "accuracy_off": float(np.mean(right_off)),
+                                "accuracy_off_ci95": wilson(sum(right_off), len(problems)),
+                                "by_kind_off": by_kind(problems, right_off)}
+        for name, params in arms.items():
+            link.planner = Planner(simulator)
+            answers_on, outcomes = answer(engine, problems, params, cfg.max_answer_tokens, cfg.seed)
+            right_on = [tasks.verify(p.question, a) for p, a in zip(problems, answers_on)]
+            task[name] = {**compare(right_off, right_on, cfg.bootstrap, cfg.seed), "by_kind_on":
+                          by_kind(problems, right_on), "think": outcomes,
+                          "answers_changed": sum(x != y for x, y in zip(answers_off, answers_on))}
+    finally:
+        engine.shutdown()
+    return {"checkpoint": str(cfg.checkpoint_dir), "simulator": kind, **timing,
+            "arms": {name: asdict(p) for name, p in arms.items()}, "heldout_text": text, "heldout_tasks": task,
+            "samples": [{"question": p.question, "answer_off": a} for p, a in zip(problems[:8], answers_off)],
+            "wall_seconds": time.time() - t0}
+
+
+def by_kind(problems: list[tasks.Problem], right: list[bool]) -> dict[str, float]:
+    out = {}
+    for kind in tasks.KINDS:
+        marks = [r for p, r in zip(problems, right) if p.kind == kind]
+        if marks:
+            out[kind] = float(np.mean(marks))
+    return out
+
+
+def run(cfg: EvalConfig) -> Path:
+    report = evaluate(cfg)
+    path = Path(cfg.out_dir) / "eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
