@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: serve test bench bench-planner loadtest venv clean
+.PHONY: serve test bench bench-planner loadtest train eval venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ bench-planner: $(STAMP)
 
 loadtest: $(STAMP)
 	$(PY) -m loadtest.bench_serving --out loadtest/results/bench_serving.json
+
+# The default checkpoint's recipe: data, then stages 1-4 (resumable), then eval (see checkpoints/README.md).
+TRAIN_CONFIG ?= configs/default.json
+data/pydoc/train.bin: | $(STAMP)
+	$(PY) -m engine.train data --out data/pydoc
+
+train: $(STAMP) data/pydoc/train.bin
+	$(PY) -m engine.train pipeline --config $(TRAIN_CONFIG)
+
+eval: $(STAMP)
+	$(PY) -m engine.train eval --config $(TRAIN_CONFIG)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -38,6 +38,10 @@ def test_pipeline_then_eval_then_serve(tmp_path):
     for stage in ("backbone", "dynamics", "value"):
         assert (run / stage / "loss.png").is_file() and read_jsonl(run / stage / "metrics.jsonl")
 
+    finished = {p: p.read_bytes() for p in (run / "backbone" / "checkpoint" / "manifest.json", ckpt / "manifest.json")}
+    run_cli("pipeline", "--config", str(config))  # a finished pipeline started again keeps what it made
+    assert all(p.read_bytes() == before for p, before in finished.items())
+
     run_cli("eval", "--config", str(config))
     report = json.loads((run / "eval.json").read_text())
     tasks_report = report["heldout_tasks"]

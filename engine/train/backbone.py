@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.checkpoint import save_checkpoint
+from engine.checkpoint import MANIFEST, save_checkpoint
 from engine.config import MambaConfig
 from engine.models import MambaLMHeadModel
 from engine.runtime import keep_freed_memory
@@ -146,10 +146,13 @@ def _train(cfg: BackboneConfig, d: Dist) -> Path:
                    if cfg.task_fraction > 0 else None)
     model = build_model(cfg).to(d.device)
     opt = make_optimizer(model, cfg)
-    start, _ = load_train_state(out, model, opt)
+    start, meta = load_train_state(out, model, opt)
+    ckpt = out / "checkpoint"
+    if start >= cfg.steps and (ckpt / MANIFEST).is_file():
+        return ckpt  # finished earlier: keep its checkpoint and record
     ddp = wrap_ddp(model, d)
     metrics = Metrics(out, start, enabled=d.main)
-    t0 = time.time()
+    t0 = time.time() - meta.get("wall_seconds", 0.0)  # wall time over all runs of this stage
     model.train()
     bpb = None
     rows = slice(d.rank, None, d.world)
@@ -177,9 +180,8 @@ def _train(cfg: BackboneConfig, d: Dist) -> Path:
             record["val_bpb"] = bpb
         metrics.write(record)
         if d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
-            save_train_state(out, model, opt, step + 1, cfg)
+            save_train_state(out, model, opt, step + 1, cfg, {"wall_seconds": time.time() - t0})
     metrics.close("backbone: loss and held-out bits per byte", ["train_bpb", "val_bpb"])
-    ckpt = out / "checkpoint"
     if end < cfg.steps:
         return out / "train_state"
     if d.main:
@@ -193,7 +195,7 @@ def _train(cfg: BackboneConfig, d: Dist) -> Path:
                     "task_fraction": cfg.task_fraction}, "steps": cfg.steps, "processes": d.world,
                     "bytes_seen": cfg.steps * cfg.batch_size * cfg.seq_len, "val_bits_per_byte": bpb,
                     "parameters": sum(p.numel() for p in model.parameters()),
-                    "train_wall_seconds_this_run": time.time() - t0},
+                    "train_wall_seconds": time.time() - t0},
         )
     return ckpt
 

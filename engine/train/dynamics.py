@@ -214,12 +214,14 @@ def train(cfg: DynamicsConfig) -> Path:
     net = PlannerNet.for_backbone(model, **cfg.planner)
     trained = [p for n, p in net.named_parameters() if not n.startswith("value_")]
     opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0)
-    start, _ = load_train_state(out, net, opt)
+    start, meta = load_train_state(out, net, opt)
+    if start >= cfg.steps and (out / "planner" / PLANNER_WEIGHTS).is_file():
+        return out / "planner"  # finished earlier
     text = load_split(Path(cfg.data_dir), "train")
     stream = np.frombuffer(tasks.corpus(cfg.task_bytes, cfg.seed + 1), dtype=np.uint8) if cfg.task_fraction else None
     held_out = eval_trajectory(model, cfg)
     metrics = Metrics(out, start)
-    t0 = time.time()
+    t0 = time.time() - meta.get("wall_seconds", 0.0)  # wall time over all runs of this stage
     report: dict = {}
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="dynamics", mininterval=10):
         for group in opt.param_groups:
@@ -246,13 +248,13 @@ def train(cfg: DynamicsConfig) -> Path:
             record["val_top1_1"] = report["1"]["top1_policy_on_predicted"]
         metrics.write(record)
         if (step + 1) % cfg.save_every == 0 or last:
-            save_train_state(out, net, opt, step + 1, cfg)
+            save_train_state(out, net, opt, step + 1, cfg, {"wall_seconds": time.time() - t0})
     metrics.close("dynamics: normalised state error and policy KL", ["dynamics_loss", "policy_kl"])
     if not report:
         report = fidelity(net, held_out, cfg.eval_steps_ahead)
     record = {"stage": "dynamics", "backbone": str(cfg.backbone_dir), "steps": cfg.steps,
               "config": asdict(cfg), "fidelity_heldout_text": report,
-              "train_wall_seconds_this_run": time.time() - t0}
+              "train_wall_seconds": time.time() - t0}
     save_planner(net, out / "planner", record)
     (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
     return out / "planner"

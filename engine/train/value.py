@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.checkpoint import WEIGHTS, load_model, sha256_file
+from engine.checkpoint import MANIFEST, WEIGHTS, load_model, sha256_file
 from engine.models import MambaLMHeadModel
 from engine.runtime import keep_freed_memory
 from engine.tokenizer import ByteTokenizer
@@ -186,20 +186,22 @@ def train(cfg: ValueConfig) -> Path:
     model = loaded.model.float().eval()
     planner = load_planner(cfg.checkpoint_dir, model)
     net = planner.net
-    t0 = time.time()
+    final = Path(cfg.out_dir) / "checkpoint"
+    trained = [p for n, p in net.named_parameters() if n.startswith("value_")]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0)
+    start, meta = load_train_state(out, net, opt)
+    if start >= cfg.steps and (final / MANIFEST).is_file():
+        return final  # finished earlier
+    t0 = time.time() - meta.get("wall_seconds", 0.0)  # wall time over all runs of this stage
     train_problems = tasks.problems(cfg.problems, "train", seed=cfg.seed + 7)
     task_x, task_y, train_rollouts = verdict_data(model, net, train_problems, cfg, seed=cfg.seed)
     text_x, text_y = text_data(model, net, load_split(Path(cfg.data_dir), "train"), cfg, seed=cfg.seed)
     x, y = torch.cat([task_x, text_x]), torch.cat([task_y, text_y])
     is_task = torch.cat([torch.ones(len(task_y), dtype=torch.bool), torch.zeros(len(text_y), dtype=torch.bool)])
     collect_s = time.time() - t0
-    trained = [p for n, p in net.named_parameters() if n.startswith("value_")]
+    trained_ids = {id(p) for p in trained}
     for p in net.parameters():
-        p.requires_grad_(False)
-    for p in trained:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0)
-    start, _ = load_train_state(out, net, opt)
+        p.requires_grad_(id(p) in trained_ids)
     metrics = Metrics(out, start)
     net.train()
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="value", mininterval=10):
@@ -221,17 +223,17 @@ def train(cfg: ValueConfig) -> Path:
                        "task_mse": F.mse_loss(value[:half], target[:half]).item(),
                        "text_mse": F.mse_loss(value[half:], target[half:]).item(), "elapsed_s": time.time() - t0})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_train_state(out, net, opt, step + 1, cfg)
+            save_train_state(out, net, opt, step + 1, cfg, {"wall_seconds": time.time() - t0})
     metrics.close("value: squared error to the reward", ["loss", "task_mse", "text_mse"])
     net.eval()
     record = {"stage": "value", "config": asdict(cfg), "steps": cfg.steps,
               "train_task_states": int(len(task_y)), "train_text_states": int(len(text_y)),
               "train_sampled_accuracy": float(np.mean(train_rollouts.verdicts)),
-              "collect_seconds": collect_s, "train_wall_seconds_this_run": time.time() - t0,
+              "collect_seconds": collect_s, "train_wall_seconds": time.time() - t0,
               **report(model, net, cfg, float(np.mean(train_rollouts.verdicts)))}
     inputs = {"assembled": {"path": str(cfg.checkpoint_dir), "sha256": sha256_file(cfg.checkpoint_dir / WEIGHTS)}}
     dynamics_record = planner.record.get("dynamics", {})
-    return write_servable(cfg.checkpoint_dir, net, Path(cfg.out_dir) / "checkpoint", "engine.train value",
+    return write_servable(cfg.checkpoint_dir, net, final, "engine.train value",
                           {"stage": "value", "dynamics": dynamics_record, "value": record}, inputs)
 
 
