@@ -49,7 +49,8 @@ def test_resume_continues_from_the_saved_step_and_optimizer_state(tmp_path):
 
     straight = config(tmp_path / "b", steps=15)  # the same 15 steps without a stop
     train(straight)
-    resumed, uninterrupted = load_model(cfg.stage_dir / "checkpoint").model, load_model(straight.stage_dir / "checkpoint").model
+    resumed = load_model(cfg.stage_dir / "checkpoint").model
+    uninterrupted = load_model(straight.stage_dir / "checkpoint").model
     for (name, p), q in zip(resumed.named_parameters(), uninterrupted.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
     losses = [[r["loss"] for r in read_metrics(c)] for c in (cfg, straight)]

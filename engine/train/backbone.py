@@ -30,8 +30,18 @@ from engine.models import MambaLMHeadModel
 from engine.runtime import keep_freed_memory
 from engine.tokenizer import ByteTokenizer
 from engine.train import tasks
-from engine.train.common import (Dist, Metrics, all_mean, load_section, load_train_state, save_train_state,
-                                 setup_distributed, teardown_distributed, wrap_ddp)
+from engine.train.common import (
+    Dist,
+    Metrics,
+    all_mean,
+    cosine_lr,
+    load_section,
+    load_train_state,
+    save_train_state,
+    setup_distributed,
+    teardown_distributed,
+    wrap_ddp,
+)
 from engine.train.data import load_split
 
 
@@ -68,13 +78,6 @@ class BackboneConfig:
         return Path(self.out_dir) / "backbone"
 
 
-def lr_at(step: int, cfg: BackboneConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
     return np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int64)
 
@@ -93,8 +96,9 @@ def batch(text: np.ndarray, task_stream: np.ndarray | None, cfg: BackboneConfig,
 
 @torch.no_grad()
 def bits_per_byte(model: MambaLMHeadModel, data: np.ndarray, seq_len: int, batches: int, batch_size: int,
-                  device: torch.device = torch.device("cpu")) -> float:
+                  device: torch.device | None = None) -> float:
     """Held-out bits per byte over fixed windows (the same windows at every evaluation)."""
+    device = device or torch.device("cpu")
     was_training = model.training
     model.eval()
     gen = np.random.default_rng(1234)
@@ -160,7 +164,7 @@ def _train(cfg: BackboneConfig, d: Dist) -> Path:
     steps = range(start, end)
     for step in tqdm(steps, initial=start, total=cfg.steps, desc="backbone", mininterval=10, disable=not d.main):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = cosine_lr(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr)
         # One generator per step: a resumed run draws exactly the batches the uninterrupted run would have.
         x, y = batch(text, task_stream, cfg, np.random.default_rng([cfg.seed, step]))
         x, y = x[rows].to(d.device), y[rows].to(d.device)

@@ -17,10 +17,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +33,14 @@ from torch import nn
 C = TypeVar("C")
 STAGES = ("backbone", "dynamics", "assemble", "value", "eval")
 INHERITED = ("out_dir", "seed", "threads", "data_dir")  # top-level keys of a pipeline config every stage shares
+
+
+def cosine_lr(step: int, steps: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def load_section(cls: type[C], path: str | Path, section: str, **overrides: Any) -> C:
@@ -59,7 +68,7 @@ def load_section(cls: type[C], path: str | Path, section: str, **overrides: Any)
 class Dist:
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:

@@ -26,7 +26,6 @@ with the backbone.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,9 +41,9 @@ from engine.models import MambaLMHeadModel
 from engine.runtime import keep_freed_memory
 from engine.train import tasks
 from engine.train.backbone import windows
-from engine.train.common import Metrics, load_section, load_train_state, save_train_state
+from engine.train.common import Metrics, cosine_lr, load_section, load_train_state, save_train_state
 from engine.train.data import load_split
-from planner.model import PLANNER_CONFIG_FILE, PlannerConfig, PlannerNet
+from planner.model import PLANNER_CONFIG_FILE, PlannerNet
 
 PLANNER_WEIGHTS = "planner.safetensors"
 
@@ -147,6 +146,11 @@ def losses(net: PlannerNet, traj: Trajectory, starts: tuple[torch.Tensor, torch.
     return {"dynamics": torch.stack(dyn).mean(), "policy": torch.stack(pol).mean()}
 
 
+def mean_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Cosine of two (L, M, D, N) batches of states, per layer and sample, averaged."""
+    return float(F.cosine_similarity(x.flatten(2), y.flatten(2), dim=-1).mean())
+
+
 @torch.inference_mode()
 def fidelity(net: PlannerNet, traj: Trajectory, steps_ahead: int) -> dict[str, dict[str, float]]:
     """Held-out fidelity, k = 1..steps_ahead, against the "next state = current state" baseline."""
@@ -161,13 +165,10 @@ def fidelity(net: PlannerNet, traj: Trajectory, steps_ahead: int) -> dict[str, d
         true = _state(traj, t, b, k)
         top = traj.logits[t + k, b].argmax(-1)
 
-        def cos(x: torch.Tensor) -> float:
-            return float(F.cosine_similarity(x.flatten(2), true.flatten(2), dim=-1).mean())
-
         err = (pred - true).flatten(1).norm(dim=1)
         base = (h0 - true).flatten(1).norm(dim=1).clamp_min(1e-12)
         report[str(k)] = {
-            "cosine": cos(pred), "cosine_identity": cos(h0),
+            "cosine": mean_cosine(pred, true), "cosine_identity": mean_cosine(h0, true),
             "relative_error": float((err / base).mean()), "relative_error_identity": 1.0,
             "top1_policy_on_predicted": float((net.evaluate(pred).logits.argmax(-1) == top).float().mean()),
             "top1_policy_on_true": float((net.evaluate(true).logits.argmax(-1) == top).float().mean()),
@@ -186,13 +187,6 @@ def save_planner(net: PlannerNet, directory: Path, record: dict) -> None:
 def load_planner_stage(directory: Path) -> tuple[PlannerNet, dict]:
     body = json.loads((directory / PLANNER_CONFIG_FILE).read_text())
     return PlannerNet.from_tensors(body, load_file(str(directory / PLANNER_WEIGHTS))), body.get("record", {})
-
-
-def lr_at(step: int, steps: int, warmup: int, lr: float, min_lr: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def eval_trajectory(model: MambaLMHeadModel, cfg: DynamicsConfig) -> Trajectory:
@@ -225,7 +219,7 @@ def train(cfg: DynamicsConfig) -> Path:
     report: dict = {}
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="dynamics", mininterval=10):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr)
+            group["lr"] = cosine_lr(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr)
         gen = np.random.default_rng([cfg.seed, step])  # per step: a resumed run sees the same data
         ids = sample_windows(text, stream, cfg.windows, cfg.prefix + cfg.horizon, cfg.task_fraction, gen)
         traj = collect(model, ids, cfg.prefix)

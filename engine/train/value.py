@@ -37,9 +37,9 @@ from engine.runtime import keep_freed_memory
 from engine.tokenizer import ByteTokenizer
 from engine.train import tasks
 from engine.train.assemble import write_servable
-from engine.train.common import Metrics, load_section, load_train_state, save_train_state
+from engine.train.common import Metrics, cosine_lr, load_section, load_train_state, save_train_state
 from engine.train.data import load_split
-from engine.train.dynamics import collect, lr_at, sample_windows
+from engine.train.dynamics import collect, sample_windows
 from planner.model import PlannerNet, load_planner
 
 NEWLINE = ord("\n")
@@ -206,7 +206,7 @@ def train(cfg: ValueConfig) -> Path:
     net.train()
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="value", mininterval=10):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr)
+            group["lr"] = cosine_lr(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr)
         # Half of each batch from the tasks, half from text, whatever the sizes of the two sets.
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)  # per step: resumable exactly
         half = cfg.batch_size // 2
