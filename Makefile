@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: serve test bench bench-planner loadtest venv clean
+.PHONY: serve test bench bench-planner loadtest dashboard docker compose venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ bench-planner: $(STAMP)
 
 loadtest: $(STAMP)
 	$(PY) -m loadtest.bench_serving --out loadtest/results/bench_serving.json
+
+# Dashboard PNG from a live server + local Prometheus (needs the prometheus binary).
+dashboard: $(STAMP)
+	$(PY) -m loadtest.dashboard_png --live --out deploy/dashboard.png
+
+# Where a container engine runs.
+docker:
+	docker build -t crsm-serve:cpu .
+
+compose:
+	docker compose -f deploy/compose.yaml up --build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
