@@ -128,7 +128,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def live(out: Path, phases: tuple[int, ...], phase_seconds: float, checkpoint: str | None) -> Path:
+def live(out: Path, phases: tuple[int, ...], phase_seconds: float, checkpoint: str | None, pause: float = 0.0,
+         rate_interval: str = "30s") -> Path:
     """Server + local Prometheus on loopback, phased mixed load, then render what was scraped."""
     from loadtest.mixed import run_mixed
 
@@ -152,10 +153,11 @@ def live(out: Path, phases: tuple[int, ...], phase_seconds: float, checkpoint: s
             start = time.time()
             time.sleep(10)  # an idle stretch first
             for clients in phases:
-                seen = asyncio.run(run_mixed(url, concurrency=clients, duration=phase_seconds, seed=clients))
+                seen = asyncio.run(run_mixed(url, concurrency=clients, duration=phase_seconds, seed=clients,
+                                             pause=pause))
                 print(f"{clients} clients: {seen}", file=sys.stderr)
             time.sleep(10)
-            return render(prom, start, time.time(), out)
+            return render(prom, start, time.time(), out, rate_interval=rate_interval)
     finally:
         server.terminate()
         try:
@@ -171,12 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--live", action="store_true", help="start server + Prometheus here and drive a short load")
     p.add_argument("--phases", default="1,4,8", help="clients of each load phase (with --live)")
     p.add_argument("--phase-seconds", type=float, default=60.0)
+    p.add_argument("--pause", type=float, default=0.0, help="seconds between a client's rounds (with --live)")
     p.add_argument("--checkpoint", default=None, help="checkpoint to serve with --live (default: the server's)")
     p.add_argument("--rate-interval", default="30s", help="value of $__rate_interval")
     p.add_argument("--out", type=Path, default=Path("dashboard.png"))
     a = p.parse_args(argv)
     if a.live:
-        path = live(a.out, tuple(int(x) for x in a.phases.split(",")), a.phase_seconds, a.checkpoint)
+        path = live(a.out, tuple(int(x) for x in a.phases.split(",")), a.phase_seconds, a.checkpoint, a.pause,
+                    a.rate_interval)
     elif a.prometheus:
         end = time.time()
         path = render(a.prometheus, end - a.minutes * 60, end, a.out, rate_interval=a.rate_interval)

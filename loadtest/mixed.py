@@ -72,8 +72,11 @@ async def one_round(client: httpx.AsyncClient, model: str, rng: random.Random, m
 
 
 async def run_mixed(url: str, *, concurrency: int = 4, duration: float = 30.0, rounds: int | None = None,
-                    max_tokens: int = 32, think: bool = True, seed: int = 0) -> dict[int, int]:
-    """Drive ``concurrency`` clients for ``duration`` seconds (or ``rounds`` rounds each); statuses seen."""
+                    max_tokens: int = 32, think: bool = True, seed: int = 0, pause: float = 0.0) -> dict[int, int]:
+    """Drive ``concurrency`` clients for ``duration`` seconds (or ``rounds`` rounds each); statuses seen.
+
+    ``pause`` seconds between a client's rounds leave CPU to others on a shared machine.
+    """
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(120.0)) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         end = time.monotonic() + duration
@@ -85,6 +88,8 @@ async def run_mixed(url: str, *, concurrency: int = 4, duration: float = 30.0, r
             while time.monotonic() < end and (rounds is None or done < rounds):
                 total.update(await one_round(client, model, rng, max_tokens, think))
                 done += 1
+                if pause:
+                    await asyncio.sleep(pause)
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return dict(total)
@@ -98,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="rounds per client at most")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--no-think", action="store_true", help="skip the completions that think")
+    p.add_argument("--pause", type=float, default=0.0, help="seconds between a client's rounds")
     a = p.parse_args(argv)
     seen = asyncio.run(run_mixed(a.url, concurrency=a.concurrency, duration=a.duration, rounds=a.rounds,
-                                 max_tokens=a.max_tokens, think=not a.no_think))
+                                 max_tokens=a.max_tokens, think=not a.no_think, pause=a.pause))
     print(json.dumps({"statuses": seen}))
     return 0
 

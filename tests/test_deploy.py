@@ -284,3 +284,23 @@ def test_readme_options_table_matches_the_cli():
         default = "checkpoints/default" if opt.default == str(DEFAULT_CHECKPOINT) else str(opt.default)
         expected.append((opt.flag, opt.env, default))
     assert readme_options() == expected
+
+
+def test_readme_metrics_table_lists_what_the_server_exports():
+    from server.metrics import Metrics
+
+    metrics = Metrics("m")
+    metrics.bind_store(lambda: {"sessions": 0, "session_bytes": 0, "prefix_queries": 0, "prefix_hits": 0})
+    exported = {}
+    for line in metrics.render().decode().splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            if not name.endswith("_created"):
+                exported[name] = kind
+    section = (ROOT / "README.md").read_text().split("### Metrics", 1)[1].split("\n#", 1)[0]
+    documented = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`crsm_"):
+            documented[cells[0].strip("`")] = cells[1]
+    assert documented == exported
