@@ -55,7 +55,8 @@ ROWS: list[tuple[str, list[tuple[str, str, int, list[tuple[str, str]], float | N
         ("Batch size", "short", 8, [
             *quantiles("crsm_batch_size"),
             (f"{rate('crsm_batch_size_sum')} / {rate('crsm_batch_size_count')}", "mean"),
-        ], None, "Sequences decoded together per engine step."),
+        ], None, "Sequences decoded together per engine step. Quantiles are interpolated inside buckets (a batch of 1 "
+         "reads 0.5 at p50); the mean is exact."),
         ("Sessions cached", "short", 6, [(f"sum(crsm_sessions_cached{SEL})", "sessions")], None,
          "Sessions held in the state store."),
         ("Session state bytes", "bytes", 6, [(f"sum(crsm_session_bytes{SEL})", "bytes")], None,
@@ -89,7 +90,7 @@ ROWS: list[tuple[str, list[tuple[str, str, int, list[tuple[str, str]], float | N
         ("Injection a_eff", "short", 6, quantiles("crsm_planner_injection_alpha"), None,
          "Blend weight of applied deltas: injection_rate * confidence."),
         ("Realised deliberation lag", "short", 6, quantiles("crsm_deliberation_lag_tokens"), None,
-         "Tokens between the state a plan read and the step it landed on."),
+         "Tokens between the state a plan read and the step it landed on (quantiles interpolated inside buckets)."),
         ("Planner job seconds", "s", 6, quantiles("crsm_planner_job_seconds"), None,
          "Wall time of one search."),
     ]),

@@ -74,19 +74,21 @@ def render(prometheus: str, start: float, end: float, out: Path, dashboard: Path
     step = max(1.0, (end - start) / 240)
     top = 0.6 / height
 
-    def box(g: dict, pad: float) -> list[float]:
-        left = g["x"] / 24 + 0.035 * g["w"] / 24 + 0.004
-        width = g["w"] / 24 - 0.035 * g["w"] / 24 - 0.012
-        bottom = 1 - top - (g["y"] + g["h"]) * ROW_HEIGHT_IN / height + pad
-        return [left, bottom, width, g["h"] * ROW_HEIGHT_IN / height - pad - 0.3 / height]
+    def box(g: dict) -> list[float]:
+        """Axes rectangle of a panel: its grid cell less room for the tick labels (below) and title (above)."""
+        below, above, left_room = 0.38 / height, 0.28 / height, 0.55 / WIDTH_IN
+        left = g["x"] / 24 + left_room
+        width = g["w"] / 24 - left_room - 0.15 / WIDTH_IN
+        bottom = 1 - top - (g["y"] + g["h"]) * ROW_HEIGHT_IN / height + below
+        return [left, bottom, width, g["h"] * ROW_HEIGHT_IN / height - below - above]
 
     for p in panels:
         g = p["gridPos"]
         if p["type"] == "row":
-            fig.text(0.005, 1 - top - (g["y"] + 0.7) * ROW_HEIGHT_IN / height, p["title"], color="#d8d9da",
+            fig.text(0.005, 1 - top - (g["y"] + 0.8) * ROW_HEIGHT_IN / height, p["title"], color="#d8d9da",
                      fontsize=12, fontweight="bold")
             continue
-        ax = fig.add_axes(box(g, 1.1 / height))
+        ax = fig.add_axes(box(g))
         ax.set_facecolor("#181b1f")
         for spine in ax.spines.values():
             spine.set_color("#2c3235")
@@ -111,7 +113,9 @@ def render(prometheus: str, start: float, end: float, out: Path, dashboard: Path
             ax.text(0.5, 0.5, "No data", color="#9fa7b3", ha="center", va="center", transform=ax.transAxes)
         ax.set_ylabel(label, color="#9fa7b3", fontsize=8)
         ax.set_ylim(bottom=0)
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+        ax.set_xlim(datetime.fromtimestamp(start), datetime.fromtimestamp(end))
+        ax.xaxis.set_major_locator(mdates.AutoDateLocator(maxticks=6))
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
         ax.grid(color="#2c3235", linewidth=0.5)
         if lines:
             ax.legend(fontsize=7, loc="upper left", ncol=min(4, len(lines)), facecolor="#181b1f",
