@@ -55,7 +55,8 @@ def _scale(unit: str, peak: float) -> tuple[float, str]:
 
 
 def render(prometheus: str, start: float, end: float, out: Path, dashboard: Path = DASHBOARD,
-           rate_interval: str = "30s") -> Path:
+           rate_interval: str = "30s") -> dict[str, int]:
+    """Draw the dashboard into ``out``; return the number of series drawn per panel title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,6 +73,7 @@ def render(prometheus: str, start: float, end: float, out: Path, dashboard: Path
     fig.suptitle(f"{spec['title']}  ({datetime.fromtimestamp(start):%H:%M}-{datetime.fromtimestamp(end):%H:%M}, "
                  "rendered from Prometheus by loadtest/dashboard_png.py)", color="#d8d9da", fontsize=13, y=0.995)
     step = max(1.0, (end - start) / 240)
+    drawn: dict[str, int] = {}
     top = 0.6 / height
 
     def box(g: dict) -> list[float]:
@@ -96,7 +98,7 @@ def render(prometheus: str, start: float, end: float, out: Path, dashboard: Path
         ax.set_title(p["title"], color="#d8d9da", fontsize=10, loc="left")
         defaults = p.get("fieldConfig", {}).get("defaults", {})
         unit = defaults.get("unit", "short")
-        lines = []
+        lines: list[tuple[str, list, list[float]]] = []
         for t in p["targets"]:
             for series in query_range(prometheus, substitute(t["expr"], rate_interval), start, end, step):
                 xs = [datetime.fromtimestamp(float(ts)) for ts, _ in series["values"]]
@@ -109,12 +111,13 @@ def render(prometheus: str, start: float, end: float, out: Path, dashboard: Path
         for st in defaults.get("thresholds", {}).get("steps", []):
             if st.get("value") is not None and defaults.get("custom", {}).get("thresholdsStyle", {}).get("mode") == "line":
                 ax.axhline(st["value"] * factor, color="#f2495c", linestyle="--", linewidth=1)
+        drawn[p["title"]] = len(lines)
         if not lines:
             ax.text(0.5, 0.5, "No data", color="#9fa7b3", ha="center", va="center", transform=ax.transAxes)
         ax.set_ylabel(label, color="#9fa7b3", fontsize=8)
         ax.set_ylim(bottom=0)
         ax.set_xlim(datetime.fromtimestamp(start), datetime.fromtimestamp(end))
-        ax.xaxis.set_major_locator(mdates.AutoDateLocator(maxticks=6))
+        ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=8))
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
         ax.grid(color="#2c3235", linewidth=0.5)
         if lines:
@@ -123,7 +126,7 @@ def render(prometheus: str, start: float, end: float, out: Path, dashboard: Path
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, facecolor=fig.get_facecolor())
     plt.close(fig)
-    return out
+    return drawn
 
 
 def _free_port() -> int:
@@ -133,7 +136,7 @@ def _free_port() -> int:
 
 
 def live(out: Path, phases: tuple[int, ...], phase_seconds: float, checkpoint: str | None, pause: float = 0.0,
-         rate_interval: str = "30s") -> Path:
+         rate_interval: str = "30s") -> dict[str, int]:
     """Server + local Prometheus on loopback, phased mixed load, then render what was scraped."""
     from loadtest.mixed import run_mixed
 
@@ -183,14 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("dashboard.png"))
     a = p.parse_args(argv)
     if a.live:
-        path = live(a.out, tuple(int(x) for x in a.phases.split(",")), a.phase_seconds, a.checkpoint, a.pause,
+        drawn = live(a.out, tuple(int(x) for x in a.phases.split(",")), a.phase_seconds, a.checkpoint, a.pause,
                     a.rate_interval)
     elif a.prometheus:
         end = time.time()
-        path = render(a.prometheus, end - a.minutes * 60, end, a.out, rate_interval=a.rate_interval)
+        drawn = render(a.prometheus, end - a.minutes * 60, end, a.out, rate_interval=a.rate_interval)
     else:
         p.error("give --prometheus URL or --live")
-    print(f"wrote {path}")
+    empty = [title for title, n in drawn.items() if not n]
+    print(f"wrote {a.out}" + (f" (no data: {', '.join(empty)})" if empty else ""))
     return 0
 
 

@@ -131,3 +131,15 @@ def test_every_metric_the_dashboard_and_rules_use_is_exported(server):
     missing = used - exported_series(text)
     assert not missing, f"used by the dashboard or rules but not in /metrics: {sorted(missing)}"
 
+
+
+def test_dashboard_png_renders_every_panel_with_data(prometheus, tmp_path):
+    """loadtest.dashboard_png (what drew deploy/dashboard.png) plots every panel from query_range."""
+    from loadtest.dashboard_png import render
+
+    out = tmp_path / "dashboard.png"
+    end = time.time()
+    drawn = render(prometheus, end - 60, end, out, rate_interval="20s")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(drawn) == len({title for title, _, _ in dashboard_targets()})
+    assert [title for title, n in drawn.items() if n == 0] == []
