@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: serve test bench bench-planner loadtest train eval venv clean
+.PHONY: serve test bench bench-planner loadtest train eval dashboard docker compose venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,17 @@ train: $(STAMP) data/pydoc/train.bin
 
 eval: $(STAMP)
 	$(PY) -m engine.train eval --config $(TRAIN_CONFIG)
+
+# Dashboard PNG from a live server + local Prometheus (needs the prometheus binary).
+dashboard: $(STAMP)
+	$(PY) -m loadtest.dashboard_png --live --out deploy/dashboard.png
+
+# Where a container engine runs.
+docker:
+	docker build -t crsm-serve:cpu .
+
+compose:
+	docker compose -f deploy/compose.yaml up --build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
