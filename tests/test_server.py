@@ -332,8 +332,12 @@ def test_default_checkpoint_is_served_without_arguments():
     from engine.checkpoint import verify_checkpoint
     from server.cli import DEFAULT_CHECKPOINT
 
+    from planner.model import PLANNER_CONFIG_FILE
+
     manifest = verify_checkpoint(DEFAULT_CHECKPOINT)
-    assert manifest["record"]["stage"] == "backbone" and manifest["record"]["val_bits_per_byte"] < 2.0
+    record = manifest["record"]  # the pipeline's result: backbone + trained planner heads
+    assert record["stage"] == "value" and record["backbone"]["val_bits_per_byte"] < 2.0
+    assert PLANNER_CONFIG_FILE in manifest["files"] and manifest["extra_tensors"]
     with running_server(None) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
         out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is a module?"}],
