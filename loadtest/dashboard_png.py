@@ -19,15 +19,13 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
+from loadtest.process import free_port, supervised
 from loadtest.prometheus import DASHBOARD, local_prometheus, query_range, substitute
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +58,10 @@ def render(prometheus: str, start: float, end: float, out: Path, dashboard: Path
     import matplotlib
 
     matplotlib.use("Agg")
+    from datetime import datetime
+
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
-    from datetime import datetime
 
     spec = json.loads(dashboard.read_text())
     panels = spec["panels"]
@@ -129,48 +128,25 @@ def render(prometheus: str, start: float, end: float, out: Path, dashboard: Path
     return drawn
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def live(out: Path, phases: tuple[int, ...], phase_seconds: float, checkpoint: str | None, pause: float = 0.0,
          rate_interval: str = "30s") -> dict[str, int]:
     """Server + local Prometheus on loopback, phased mixed load, then render what was scraped."""
     from loadtest.mixed import run_mixed
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--planner-workers", "1",
            "--log-level", "warning", *(["--checkpoint", checkpoint] if checkpoint else [])]
     server = subprocess.Popen(cmd, cwd=ROOT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.2)
-        with tempfile.TemporaryDirectory() as tmp, local_prometheus(Path(tmp), url, _free_port(), "2s") as prom:
-            start = time.time()
-            time.sleep(10)  # an idle stretch first
-            for clients in phases:
-                seen = asyncio.run(run_mixed(url, concurrency=clients, duration=phase_seconds, seed=clients,
-                                             pause=pause))
-                print(f"{clients} clients: {seen}", file=sys.stderr)
-            time.sleep(10)
-            return render(prom, start, time.time(), out, rate_interval=rate_interval)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    with supervised(server, url + "/ready", 120, "server"), tempfile.TemporaryDirectory() as tmp, \
+            local_prometheus(Path(tmp), url, free_port(), "2s") as prom:
+        start = time.time()
+        time.sleep(10)  # an idle stretch first
+        for clients in phases:
+            seen = asyncio.run(run_mixed(url, concurrency=clients, duration=phase_seconds, seed=clients, pause=pause))
+            print(f"{clients} clients: {seen}", file=sys.stderr)
+        time.sleep(10)
+        return render(prom, start, time.time(), out, rate_interval=rate_interval)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,13 +12,14 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 import yaml
+
+from loadtest.process import supervised
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -101,26 +102,10 @@ def local_prometheus(folder: Path, server_url: str, port: int, interval: str = "
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited: {(folder / 'prometheus.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/-/ready", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("prometheus did not become ready")
-            time.sleep(0.2)
-        yield url
+        with supervised(proc, url + "/-/ready", timeout, "prometheus",
+                        output=lambda: (folder / "prometheus.log").read_text()):
+            yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         log.close()
 
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from engine.checkpoint import save_checkpoint
 from engine.tokenizer import ByteTokenizer
+from loadtest.process import free_port, supervised
 from tests.conftest import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,12 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_checkpoint(folder: Path) -> Path:
     """A small random byte-level model; deterministic, so greedy outputs can be compared."""
     return save_checkpoint(make_model(seed=11, d_model=32, n_layer=2, vocab_size=ByteTokenizer().vocab_size), folder)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -39,30 +30,13 @@ def running_server(checkpoint: Path | None, *args: str, env: dict | None = None,
     port = free_port()
     ckpt = ["--checkpoint", str(checkpoint)] if checkpoint is not None else []
     cmd = [sys.executable, "-m", "server", *ckpt, "--host", "127.0.0.1",
-           "--port", str(port), "--model-name", "tiny", "--log-level", "warning", "--threads", "1", "--planner-workers", "0", *args]
+           "--port", str(port), "--model-name", "tiny", "--log-level", "warning", "--threads", "1",
+           "--planner-workers", "0", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{proc.stdout.read()}")
-            try:
-                if httpx.get(url + "/ready", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.1)
+    with supervised(proc, url + "/ready", timeout, "server", output=lambda: proc.stdout.read()):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
