@@ -14,22 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from engine.checkpoint import WEIGHTS, CheckpointError, load_model, save_checkpoint, sha256_file
-from engine.train.common import load_section
+from engine.train.common import StageConfig
 from engine.train.dynamics import PLANNER_WEIGHTS, load_planner_stage
 from planner.model import PlannerNet
 
 
 @dataclass
-class AssembleConfig:
+class AssembleConfig(StageConfig):
+    section = "assemble"
+
     out_dir: str = "runs/default"  # writes <out_dir>/assembled
     backbone: str = ""  # default <out_dir>/backbone/checkpoint
     planner: str = ""  # default <out_dir>/dynamics/planner
     seed: int = 0
     threads: int = 0
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> "AssembleConfig":
-        return load_section(cls, path, "assemble", **overrides)
 
     @property
     def backbone_dir(self) -> Path:

@@ -33,9 +33,9 @@ from engine.train import tasks
 from engine.train.common import (
     Dist,
     Metrics,
+    StageConfig,
     all_mean,
     cosine_lr,
-    load_section,
     load_train_state,
     save_train_state,
     setup_distributed,
@@ -46,7 +46,9 @@ from engine.train.data import load_split
 
 
 @dataclass
-class BackboneConfig:
+class BackboneConfig(StageConfig):
+    section = "backbone"
+
     data_dir: str = "data/pydoc"
     out_dir: str = "runs/default"  # the stage writes under <out_dir>/backbone
     model: dict = field(default_factory=lambda: {"d_model": 256, "n_layer": 4})
@@ -68,10 +70,6 @@ class BackboneConfig:
     seed: int = 0
     threads: int = 0
     device: str = "auto"
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> "BackboneConfig":
-        return load_section(cls, path, "backbone", **overrides)
 
     @property
     def stage_dir(self) -> Path:

@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 C = TypeVar("C")
+S = TypeVar("S", bound="StageConfig")
 STAGES = ("backbone", "dynamics", "assemble", "value", "eval")
 INHERITED = ("out_dir", "seed", "threads", "data_dir")  # top-level keys of a pipeline config every stage shares
 
@@ -62,6 +63,16 @@ def load_section(cls: type[C], path: str | Path, section: str, **overrides: Any)
     if unknown:
         raise ValueError(f"{path}: unknown {section} settings {unknown} (known: {sorted(known)})")
     return cls(**body)
+
+
+class StageConfig:
+    """Base of the stages' config dataclasses: ``from_file`` reads the stage's ``section``."""
+
+    section: ClassVar[str]
+
+    @classmethod
+    def from_file(cls: type[S], path: str | Path, **overrides: Any) -> S:
+        return load_section(cls, path, cls.section, **overrides)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

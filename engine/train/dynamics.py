@@ -41,7 +41,7 @@ from engine.models import MambaLMHeadModel
 from engine.runtime import keep_freed_memory
 from engine.train import tasks
 from engine.train.backbone import windows
-from engine.train.common import Metrics, cosine_lr, load_section, load_train_state, save_train_state
+from engine.train.common import Metrics, StageConfig, cosine_lr, load_train_state, save_train_state
 from engine.train.data import load_split
 from planner.model import PLANNER_CONFIG_FILE, PlannerNet
 
@@ -49,7 +49,9 @@ PLANNER_WEIGHTS = "planner.safetensors"
 
 
 @dataclass
-class DynamicsConfig:
+class DynamicsConfig(StageConfig):
+    section = "dynamics"
+
     out_dir: str = "runs/default"  # reads <out_dir>/backbone/checkpoint, writes <out_dir>/dynamics
     data_dir: str = "data/pydoc"
     backbone: str = ""  # a backbone checkpoint; default <out_dir>/backbone/checkpoint
@@ -73,10 +75,6 @@ class DynamicsConfig:
     save_every: int = 100
     seed: int = 0
     threads: int = 0
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> "DynamicsConfig":
-        return load_section(cls, path, "dynamics", **overrides)
 
     @property
     def stage_dir(self) -> Path:

@@ -44,7 +44,7 @@ from engine.scheduler import Engine, FinishEvent, GenerationRequest, TokenEvent
 from engine.thinking import PlanJob, StateDelta, ThinkParams
 from engine.tokenizer import ByteTokenizer
 from engine.train import tasks
-from engine.train.common import load_section
+from engine.train.common import StageConfig
 from engine.train.data import load_split
 from engine.train.dynamics import sample_windows
 from planner.model import load_planner
@@ -60,7 +60,9 @@ DEFAULT_ARMS = {
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(StageConfig):
+    section = "eval"
+
     out_dir: str = "runs/default"  # evaluates <out_dir>/checkpoint, writes <out_dir>/eval.json
     data_dir: str = "data/pydoc"
     checkpoint: str = ""
@@ -74,10 +76,6 @@ class EvalConfig:
     bootstrap: int = 2000
     seed: int = 0
     threads: int = 0
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> "EvalConfig":
-        return load_section(cls, path, "eval", **overrides)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -37,7 +37,7 @@ from engine.runtime import keep_freed_memory
 from engine.tokenizer import ByteTokenizer
 from engine.train import tasks
 from engine.train.assemble import write_servable
-from engine.train.common import Metrics, cosine_lr, load_section, load_train_state, save_train_state
+from engine.train.common import Metrics, StageConfig, cosine_lr, load_train_state, save_train_state
 from engine.train.data import load_split
 from engine.train.dynamics import collect, sample_windows
 from planner.model import PlannerNet, load_planner
@@ -46,7 +46,9 @@ NEWLINE = ord("\n")
 
 
 @dataclass
-class ValueConfig:
+class ValueConfig(StageConfig):
+    section = "value"
+
     out_dir: str = "runs/default"  # reads <out_dir>/assembled, writes <out_dir>/checkpoint
     data_dir: str = "data/pydoc"
     checkpoint: str = ""  # the assembled checkpoint; default <out_dir>/assembled
@@ -66,10 +68,6 @@ class ValueConfig:
     save_every: int = 100
     seed: int = 0
     threads: int = 0
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> "ValueConfig":
-        return load_section(cls, path, "value", **overrides)
 
     @property
     def stage_dir(self) -> Path:
