@@ -14,6 +14,7 @@ compute what one process does on the whole batch.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -189,7 +190,8 @@ def _train(cfg: BackboneConfig, d: Dist) -> Path:
     if d.main:
         if bpb is None:
             bpb = bits_per_byte(model, val_text, cfg.seq_len, cfg.eval_batches, cfg.batch_size, d.device)
-        data_record = json_or_empty(data_dir / "data.json")
+        data_json = data_dir / "data.json"
+        data_record = json.loads(data_json.read_text()) if data_json.is_file() else {}
         save_checkpoint(
             model.cpu().eval(), ckpt,
             producer={"tool": "engine.train backbone", "config": asdict(cfg)},
@@ -200,9 +202,3 @@ def _train(cfg: BackboneConfig, d: Dist) -> Path:
                     "train_wall_seconds": time.time() - t0},
         )
     return ckpt
-
-
-def json_or_empty(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text()) if path.is_file() else {}
