@@ -28,7 +28,6 @@ from tqdm import tqdm
 from engine.checkpoint import MANIFEST, save_checkpoint
 from engine.config import MambaConfig
 from engine.models import MambaLMHeadModel
-from engine.runtime import keep_freed_memory
 from engine.tokenizer import ByteTokenizer
 from engine.train import tasks
 from engine.train.common import (
@@ -43,7 +42,7 @@ from engine.train.common import (
     teardown_distributed,
     wrap_ddp,
 )
-from engine.train.data import load_split
+from engine.train.data import load_split, sample_windows
 
 
 @dataclass
@@ -72,24 +71,11 @@ class BackboneConfig(StageConfig):
     threads: int = 0
     device: str = "auto"
 
-    @property
-    def stage_dir(self) -> Path:
-        return Path(self.out_dir) / "backbone"
-
-
-def windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
-    return np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int64)
-
 
 def batch(text: np.ndarray, task_stream: np.ndarray | None, cfg: BackboneConfig,
           gen: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A global batch of (inputs, next bytes): text windows, some rows replaced by task windows."""
-    rows = windows(text, gen.integers(0, len(text) - cfg.seq_len - 1, size=cfg.batch_size), cfg.seq_len)
-    is_task = gen.random(cfg.batch_size) < cfg.task_fraction
-    if task_stream is not None and is_task.any():
-        starts = gen.integers(0, len(task_stream) - cfg.seq_len - 1, size=int(is_task.sum()))
-        rows[is_task] = windows(task_stream, starts, cfg.seq_len)
-    t = torch.from_numpy(rows)
+    t = torch.from_numpy(sample_windows(text, task_stream, cfg.batch_size, cfg.seq_len + 1, cfg.task_fraction, gen))
     return t[:, :-1], t[:, 1:]
 
 
@@ -103,7 +89,7 @@ def bits_per_byte(model: MambaLMHeadModel, data: np.ndarray, seq_len: int, batch
     gen = np.random.default_rng(1234)
     total, count = 0.0, 0
     for _ in range(batches):
-        rows = torch.from_numpy(windows(data, gen.integers(0, len(data) - seq_len - 1, size=batch_size), seq_len))
+        rows = torch.from_numpy(sample_windows(data, None, batch_size, seq_len + 1, 0.0, gen))
         x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
         logits, _ = model(x)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
@@ -137,12 +123,7 @@ def train(cfg: BackboneConfig) -> Path:
 def _train(cfg: BackboneConfig, d: Dist) -> Path:
     if cfg.batch_size % d.world:
         raise ValueError(f"batch_size {cfg.batch_size} does not split over {d.world} processes")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
-    torch.manual_seed(cfg.seed)
-    out = cfg.stage_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = cfg.begin()
     data_dir = Path(cfg.data_dir)
     text, val_text = load_split(data_dir, "train"), load_split(data_dir, "val")
     task_stream = (np.frombuffer(tasks.corpus(cfg.task_bytes, cfg.seed), dtype=np.uint8)

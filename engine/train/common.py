@@ -30,6 +30,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from engine.runtime import keep_freed_memory
+
 C = TypeVar("C")
 S = TypeVar("S", bound="StageConfig")
 STAGES = ("backbone", "dynamics", "assemble", "value", "eval")
@@ -73,6 +75,20 @@ class StageConfig:
     @classmethod
     def from_file(cls: type[S], path: str | Path, **overrides: Any) -> S:
         return load_section(cls, path, cls.section, **overrides)  # type: ignore[attr-defined]
+
+    @property
+    def stage_dir(self) -> Path:
+        """Where the stage keeps its state, metrics and output: ``<out_dir>/<section>``."""
+        return Path(self.out_dir) / self.section  # type: ignore[attr-defined]
+
+    def begin(self) -> Path:
+        """What every stage does first: threads, allocator, seed; returns the (created) stage folder."""
+        if self.threads:  # type: ignore[attr-defined]
+            torch.set_num_threads(self.threads)  # type: ignore[attr-defined]
+        keep_freed_memory()
+        torch.manual_seed(self.seed)  # type: ignore[attr-defined]
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        return self.stage_dir
 
 
 @dataclass(frozen=True)

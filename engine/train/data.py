@@ -59,3 +59,19 @@ def prepare(out_dir: Path, deb: Path | None = None) -> dict:
 
 def load_split(data_dir: Path, split: str) -> np.ndarray:
     return np.frombuffer((data_dir / f"{split}.bin").read_bytes(), dtype=np.uint8)
+
+
+def windows(data: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """Rows of ``length`` bytes of ``data`` from each start, as int64 token ids."""
+    return np.stack([data[s : s + length] for s in starts]).astype(np.int64)
+
+
+def sample_windows(text: np.ndarray, stream: np.ndarray | None, count: int, length: int, stream_fraction: float,
+                   gen: np.random.Generator) -> np.ndarray:
+    """``count`` random windows of ``length`` bytes of ``text``, each replaced by a window of ``stream``
+    (the generated problems) with probability ``stream_fraction``: the training mix of every stage."""
+    rows = windows(text, gen.integers(0, len(text) - length - 1, size=count), length)
+    is_task = gen.random(count) < stream_fraction
+    if stream is not None and is_task.any():
+        rows[is_task] = windows(stream, gen.integers(0, len(stream) - length - 1, size=int(is_task.sum())), length)
+    return rows

@@ -38,11 +38,9 @@ from tqdm import tqdm
 
 from engine.checkpoint import load_model
 from engine.models import MambaLMHeadModel
-from engine.runtime import keep_freed_memory
 from engine.train import tasks
-from engine.train.backbone import windows
 from engine.train.common import Metrics, StageConfig, cosine_lr, load_train_state, save_train_state
-from engine.train.data import load_split
+from engine.train.data import load_split, sample_windows
 from planner.model import PLANNER_CONFIG_FILE, PlannerNet
 
 PLANNER_WEIGHTS = "planner.safetensors"
@@ -77,10 +75,6 @@ class DynamicsConfig(StageConfig):
     threads: int = 0
 
     @property
-    def stage_dir(self) -> Path:
-        return Path(self.out_dir) / "dynamics"
-
-    @property
     def backbone_dir(self) -> Path:
         return Path(self.backbone) if self.backbone else Path(self.out_dir) / "backbone" / "checkpoint"
 
@@ -103,15 +97,6 @@ def collect(model: MambaLMHeadModel, ids: torch.Tensor, prefix: int) -> Trajecto
         ssm.append(state.ssm.float().clone())
         out.append(logits[:, :vocab].float())
     return Trajectory(torch.stack(ssm), ids[:, prefix:].t().contiguous(), torch.stack(out))
-
-
-def sample_windows(text: np.ndarray, stream: np.ndarray | None, count: int, length: int, task_fraction: float,
-                   gen: np.random.Generator) -> torch.Tensor:
-    rows = windows(text, gen.integers(0, len(text) - length - 1, size=count), length - 1)
-    is_task = gen.random(count) < task_fraction
-    if stream is not None and is_task.any():
-        rows[is_task] = windows(stream, gen.integers(0, len(stream) - length - 1, size=int(is_task.sum())), length - 1)
-    return torch.from_numpy(rows)
 
 
 def _state(traj: Trajectory, t: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
@@ -190,18 +175,14 @@ def load_planner_stage(directory: Path) -> tuple[PlannerNet, dict]:
 def eval_trajectory(model: MambaLMHeadModel, cfg: DynamicsConfig) -> Trajectory:
     """Fixed held-out windows of text (the same at every evaluation)."""
     val = load_split(Path(cfg.data_dir), "val")
-    ids = sample_windows(val, None, cfg.eval_windows, cfg.prefix + cfg.horizon, 0.0, np.random.default_rng(4321))
+    ids = torch.from_numpy(sample_windows(val, None, cfg.eval_windows, cfg.prefix + cfg.horizon, 0.0,
+                                         np.random.default_rng(4321)))
     return collect(model, ids, cfg.prefix)
 
 
 def train(cfg: DynamicsConfig) -> Path:
     """Fit the dynamics and policy head; writes ``<out_dir>/dynamics/planner`` and returns it."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
-    torch.manual_seed(cfg.seed)
-    out = cfg.stage_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = cfg.begin()
     model = load_model(cfg.backbone_dir).model.float().eval()
     net = PlannerNet.for_backbone(model, **cfg.planner)
     trained = [p for n, p in net.named_parameters() if not n.startswith("value_")]
@@ -219,7 +200,8 @@ def train(cfg: DynamicsConfig) -> Path:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr)
         gen = np.random.default_rng([cfg.seed, step])  # per step: a resumed run sees the same data
-        ids = sample_windows(text, stream, cfg.windows, cfg.prefix + cfg.horizon, cfg.task_fraction, gen)
+        ids = torch.from_numpy(sample_windows(text, stream, cfg.windows, cfg.prefix + cfg.horizon, cfg.task_fraction,
+                                             gen))
         traj = collect(model, ids, cfg.prefix)
         traj = Trajectory(traj.ssm.clone(), traj.tokens.clone(), traj.logits.clone())  # leave inference mode
         t = torch.from_numpy(gen.integers(0, cfg.horizon - cfg.unroll + 1, size=cfg.pairs))

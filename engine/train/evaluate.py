@@ -45,8 +45,7 @@ from engine.thinking import PlanJob, StateDelta, ThinkParams
 from engine.tokenizer import ByteTokenizer
 from engine.train import tasks
 from engine.train.common import StageConfig
-from engine.train.data import load_split
-from engine.train.dynamics import sample_windows
+from engine.train.data import load_split, sample_windows
 from planner.model import load_planner
 from planner.planner import Planner
 from planner.simulators import make_simulator
@@ -199,8 +198,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     # Held-out text.
     val = load_split(Path(cfg.data_dir), "val")
-    ids = sample_windows(val, None, cfg.text_windows, cfg.text_prefix + cfg.text_bytes, 0.0,
-                         np.random.default_rng(cfg.seed + 2024))
+    ids = torch.from_numpy(sample_windows(val, None, cfg.text_windows, cfg.text_prefix + cfg.text_bytes, 0.0,
+                                          np.random.default_rng(cfg.seed + 2024)))
     bits_off, _ = text_bits(model, ids, cfg.text_prefix, None, ThinkParams())
     text: dict[str, Any] = {"windows": cfg.text_windows, "bytes_per_window": cfg.text_bytes,
                             "bits_per_byte_off": float(bits_off.mean())}

@@ -33,13 +33,12 @@ from tqdm import tqdm
 
 from engine.checkpoint import MANIFEST, WEIGHTS, load_model, sha256_file
 from engine.models import MambaLMHeadModel
-from engine.runtime import keep_freed_memory
 from engine.tokenizer import ByteTokenizer
 from engine.train import tasks
 from engine.train.assemble import write_servable
 from engine.train.common import Metrics, StageConfig, cosine_lr, load_train_state, save_train_state
-from engine.train.data import load_split
-from engine.train.dynamics import collect, sample_windows
+from engine.train.data import load_split, sample_windows
+from engine.train.dynamics import collect
 from planner.model import PlannerNet, load_planner
 
 NEWLINE = ord("\n")
@@ -68,10 +67,6 @@ class ValueConfig(StageConfig):
     save_every: int = 100
     seed: int = 0
     threads: int = 0
-
-    @property
-    def stage_dir(self) -> Path:
-        return Path(self.out_dir) / "value"
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -144,7 +139,8 @@ def verdict_data(model: MambaLMHeadModel, net: PlannerNet, problems: list[tasks.
 def text_data(model: MambaLMHeadModel, net: PlannerNet, data: np.ndarray, cfg: ValueConfig,
               seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Features along text windows and ``1 - 2 min(future bits / max_bits, 1)`` over the next ``horizon`` bytes."""
-    ids = sample_windows(data, None, cfg.text_windows, cfg.prefix + 2 * cfg.horizon, 0.0, np.random.default_rng(seed))
+    ids = torch.from_numpy(sample_windows(data, None, cfg.text_windows, cfg.prefix + 2 * cfg.horizon, 0.0,
+                                         np.random.default_rng(seed)))
     traj = collect(model, ids, cfg.prefix)
     T = traj.tokens.shape[0]
     nll = F.cross_entropy(traj.logits[:T].flatten(0, 1), traj.tokens.flatten(), reduction="none").view(T, -1)
@@ -174,12 +170,7 @@ def calibration(values: torch.Tensor, verdicts: torch.Tensor, base_rate: float, 
 
 def train(cfg: ValueConfig) -> Path:
     """Fit the value head; writes the final checkpoint ``<out_dir>/checkpoint`` and returns it."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
-    torch.manual_seed(cfg.seed)
-    out = cfg.stage_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = cfg.begin()
     loaded = load_model(cfg.checkpoint_dir)
     model = loaded.model.float().eval()
     planner = load_planner(cfg.checkpoint_dir, model)
