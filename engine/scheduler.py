@@ -514,7 +514,7 @@ class Engine:
             results = list(self._results)
             self._results.clear()
         for result in results:
-            seq = self._thinking.get(result.session)
+            seq = self._thinking.get(result.request_id)
             if seq is None or seq.outstanding.pop(result.planned_at, None) is None:
                 continue  # the sequence has ended, or this job was already given up
             if isinstance(result, StateDelta):

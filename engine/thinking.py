@@ -71,7 +71,7 @@ class ThinkParams:
 
 @dataclass
 class PlanJob:
-    session: Hashable  # the engine's key of the sequence (its request id)
+    request_id: Hashable  # the engine's key of the sequence
     planned_at: int
     state: MambaState  # a copy, batch 1: the planner never sees a live tensor
     root_logits: Tensor  # (vocab,) logits of the pending token
@@ -85,7 +85,7 @@ class PlanJob:
 
 @dataclass
 class StateDelta:
-    session: Hashable
+    request_id: Hashable
     planned_at: int
     apply_at: int
     path: list[int]  # the plan's main line (most visited moves); path[0] is the token pending at planned_at
@@ -112,7 +112,7 @@ class StateDelta:
 class PlanDropped:
     """A job that produced no delta (superseded, queue overflow, error, timeout, discarded)."""
 
-    session: Hashable
+    request_id: Hashable
     planned_at: int
     outcome: str
     detail: str = ""
@@ -153,6 +153,6 @@ class PlannerLink(Protocol):
 
     def submit(self, job: PlanJob) -> None: ...
 
-    def discard(self, session: Hashable) -> None: ...
+    def discard(self, request_id: Hashable) -> None: ...
 
 

@@ -38,12 +38,8 @@ class Planner:
         self.max_branches = max_branches
         self._trees: collections.OrderedDict[Hashable, tuple[Tree, int]] = collections.OrderedDict()
 
-    def forget(self, session: Hashable) -> None:
-        self._trees.pop(session, None)
-
-    @property
-    def sessions(self) -> int:
-        return len(self._trees)
+    def forget(self, request_id: Hashable) -> None:
+        self._trees.pop(request_id, None)
 
     @torch.inference_mode()
     def run(self, jobs: list[PlanJob]) -> list[StateDelta]:
@@ -67,11 +63,11 @@ class Planner:
             main_line = best_path(tree, prefix, job.params.deliberation_lag + job.params.max_staleness + 2)
             branches, nodes, changes, confidences = self._branches(tree, prefix, part, job.params.deliberation_lag)
             inner = frozenset(k for k, n in nodes.items() if n.visited_children())
-            deltas.append(StateDelta(job.session, job.planned_at, job.apply_at, [n.token for n in main_line[1:]],
+            deltas.append(StateDelta(job.request_id, job.planned_at, job.apply_at, [n.token for n in main_line[1:]],
                                      branches, changes, confidences, frozenset(nodes), inner, st.simulations,
                                      st.seconds))
-            self._trees[job.session] = (tree, job.planned_at)
-            self._trees.move_to_end(job.session)
+            self._trees[job.request_id] = (tree, job.planned_at)
+            self._trees.move_to_end(job.request_id)
         while len(self._trees) > self.max_trees:
             self._trees.popitem(last=False)
         return deltas
@@ -108,7 +104,7 @@ class Planner:
 
     def _tree_for(self, job: PlanJob, states: tuple[torch.Tensor, ...], root_value: float) -> Tree:
         top_k = job.params.top_k_actions
-        kept = self._trees.get(job.session)
+        kept = self._trees.get(job.request_id)
         if kept is not None:
             tree, planned_at = kept
             if planned_at <= job.planned_at and tree.top_k == top_k:

@@ -159,41 +159,41 @@ class PlannerPool:
         try:
             self._loop.call_soon_threadsafe(self._enqueue, job)
         except (AttributeError, RuntimeError):  # not started, or its event loop is gone: answer at once
-            self.post(PlanDropped(job.session, job.planned_at, "error", "the planner pool is not running"))
+            self.post(PlanDropped(job.request_id, job.planned_at, "error", "the planner pool is not running"))
 
-    def discard(self, session: Hashable) -> None:
+    def discard(self, request_id: Hashable) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._discard, session)
+            self._loop.call_soon_threadsafe(self._discard, request_id)
         except (AttributeError, RuntimeError):
             pass
 
     # Queueing (event loop) ---------------------------------------------------
-    def _shard(self, session: Hashable) -> _Shard:
-        return self._shards[hash(session) % len(self._shards)]
+    def _shard(self, request_id: Hashable) -> _Shard:
+        return self._shards[hash(request_id) % len(self._shards)]
 
     def _drop(self, job: PlanJob, outcome: str, detail: str = "") -> None:
         self.observer.on_planner_job(outcome)
-        self.post(PlanDropped(job.session, job.planned_at, outcome, detail))
+        self.post(PlanDropped(job.request_id, job.planned_at, outcome, detail))
 
     def _enqueue(self, job: PlanJob) -> None:
-        shard = self._shard(job.session)
-        older = shard.pending.pop(job.session, None)
+        shard = self._shard(job.request_id)
+        older = shard.pending.pop(job.request_id, None)
         if older is not None:
             self._drop(older, "superseded")
         if self.pending >= self.max_pending:
             fullest = max(self._shards, key=lambda s: len(s.pending))
             _, oldest = fullest.pending.popitem(last=False)
             self._drop(oldest, "overflow")
-        shard.pending[job.session] = job
-        shard.forget.discard(job.session)
+        shard.pending[job.request_id] = job
+        shard.forget.discard(job.request_id)
         shard.wake.set()
 
-    def _discard(self, session: Hashable) -> None:
-        shard = self._shard(session)
-        job = shard.pending.pop(session, None)
+    def _discard(self, request_id: Hashable) -> None:
+        shard = self._shard(request_id)
+        job = shard.pending.pop(request_id, None)
         if job is not None:
             self._drop(job, "discarded")
-        shard.forget.add(session)
+        shard.forget.add(request_id)
 
     # Workers (event loop; the search runs in the process) --------------------
     async def _work(self, shard: _Shard) -> None:

@@ -7,7 +7,7 @@ priority (``nice``) with few torch threads, so decoding keeps its core.
 
 Messages over the pipe (pickled; tensors travel as numpy arrays):
 
-- parent -> worker: ``("plan", [job wire dicts], [sessions to forget])``,
+- parent -> worker: ``("plan", [job wire dicts], [request ids to forget])``,
   ``("stop",)``;
 - worker -> parent: ``("ready", info)`` once loaded, then per plan call
   ``("done", [result wire dicts])`` or ``("error", message)``.
@@ -46,14 +46,14 @@ class WorkerSpec:
 
 # Wire format ------------------------------------------------------------------
 def job_to_wire(job: PlanJob) -> dict[str, Any]:
-    return {"session": job.session, "planned_at": job.planned_at, "tokens": job.tokens, "params": job.params,
+    return {"request_id": job.request_id, "planned_at": job.planned_at, "tokens": job.tokens, "params": job.params,
             "conv": job.state.conv.float().numpy(), "ssm": job.state.ssm.numpy(),
             "logits": job.root_logits.float().numpy()}
 
 
 def job_from_wire(wire: dict[str, Any], conv_dtype: torch.dtype) -> PlanJob:
     state = MambaState(torch.from_numpy(wire["conv"]).to(conv_dtype), torch.from_numpy(wire["ssm"]))
-    return PlanJob(wire["session"], wire["planned_at"], state, torch.from_numpy(wire["logits"]), wire["tokens"],
+    return PlanJob(wire["request_id"], wire["planned_at"], state, torch.from_numpy(wire["logits"]), wire["tokens"],
                    wire["params"])
 
 
@@ -126,8 +126,8 @@ def serve(conn: Connection, planner, conv_dtype: torch.dtype) -> None:
         if message[0] == "stop":
             return
         _, jobs, forget = message
-        for session in forget:
-            planner.forget(session)
+        for request_id in forget:
+            planner.forget(request_id)
         try:
             deltas = planner.run([job_from_wire(w, conv_dtype) for w in jobs])
             reply = ("done", [delta_to_wire(d) for d in deltas])

@@ -11,7 +11,7 @@ from planner.worker import serve
 
 
 class _Raises:
-    def forget(self, session) -> None: ...
+    def forget(self, request_id) -> None: ...
 
     def run(self, jobs):
         raise RuntimeError("search exploded")

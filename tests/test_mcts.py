@@ -148,4 +148,4 @@ def test_the_planner_reuses_a_session_tree_along_the_tokens_generated_since_its_
         assert reused is tree and tree.root is node.parent  # ...and the tree is re-rooted on the real state
         assert tree.follow([first.path[1]]).visits >= kept
         planner.forget("s")
-        assert planner.sessions == 0
+        assert "s" not in planner._trees

@@ -39,8 +39,8 @@ class ThreadLink:
         self.jobs.append(job)
         threading.Thread(target=lambda: self.engine.post_result(self.answer(job)), daemon=True).start()
 
-    def discard(self, session) -> None:
-        self.discarded.append(session)
+    def discard(self, request_id) -> None:
+        self.discarded.append(request_id)
 
 
 def planner_answer(model, seed=0):
@@ -167,7 +167,7 @@ def test_a_delta_for_another_path_is_dropped_as_diverged(model):
     def off_path(job: PlanJob) -> StateDelta:
         other = (job.tokens[job.planned_at], (job.tokens[job.planned_at] + 1) % 256)  # a move the session won't play
         change = torch.ones(1, *job.state.ssm.shape[:1], *job.state.ssm.shape[2:])
-        return StateDelta(job.session, job.planned_at, job.apply_at, list(other), {other[:1]: 0}, change, [1.0],
+        return StateDelta(job.request_id, job.planned_at, job.apply_at, list(other), {other[:1]: 0}, change, [1.0],
                           frozenset({other[:1], other}), frozenset({other[:1]}))
 
     plain, _, _ = generate(model, None, None, n=10)
@@ -181,7 +181,7 @@ def test_a_delta_for_another_path_is_dropped_as_diverged(model):
 def test_a_failed_plan_never_stops_a_waiting_sequence(model):
     from engine.thinking import PlanDropped
 
-    link = ThreadLink(lambda job: PlanDropped(job.session, job.planned_at, "error", "boom"))
+    link = ThreadLink(lambda job: PlanDropped(job.request_id, job.planned_at, "error", "boom"))
     think = ThinkParams(plan_every=2, deliberation_lag=0, wait=True)
     tokens, thoughts, final = generate(model, link, think, n=20)
     assert len(tokens) == 20 and isinstance(final, FinishEvent) and final.reason == "length"

@@ -97,8 +97,8 @@ class InlinePlanner:
         assert self.engine is not None
         self.engine.post_result(self.planner.run([job])[0])
 
-    def discard(self, session: Hashable) -> None:
-        self.planner.forget(session)
+    def discard(self, request_id: Hashable) -> None:
+        self.planner.forget(request_id)
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -137,7 +137,7 @@ def text_bits(model: MambaLMHeadModel, ids: torch.Tensor, prefix: int, planner: 
                                 params) for r in range(rows)]
                 pending += planner.run(jobs)
             for delta in [d for d in pending if d.apply_at <= i]:
-                r = int(delta.session)
+                r = int(delta.request_id)
                 landing = land(state.ssm[:, r], delta, text[r, delta.planned_at : i + 1].tolist(),
                                i - delta.planned_at, params)
                 outcomes[landing.result] = outcomes.get(landing.result, 0) + 1
