@@ -224,7 +224,6 @@ class Engine:
         sessions: SessionStore | None = None,
         prefix_cache: PrefixCache | None = None,
         observer: EngineObserver | None = None,
-        planner: PlannerLink | None = None,
         max_state_norm: float = DEFAULT_MAX_NORM,
     ):
         keep_freed_memory()
@@ -238,7 +237,7 @@ class Engine:
         self.sessions = sessions if sessions is not None else SessionStore()
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
         self.observer = observer or EngineObserver()
-        self.planner = planner
+        self.planner: PlannerLink | None = None  # see attach_planner
         self.max_state_norm = max_state_norm
         self._thinking: dict[int, _Sequence] = {}  # request id -> sequence, for those that think
         self._results: collections.deque[StateDelta | PlanDropped] = collections.deque()
@@ -298,6 +297,13 @@ class Engine:
             self._inbox.append(handle)
             self._wake.notify()
         return handle
+
+    def attach_planner(self, link: PlannerLink) -> None:
+        """Send the plan jobs of thinking requests to ``link``; its results come back through :meth:`post_result`."""
+        if self.alive:
+            raise RuntimeError("attach the planner before the engine starts")
+        link.connect(self.post_result)
+        self.planner = link
 
     def post_result(self, result: StateDelta | PlanDropped) -> None:
         """A planner's answer to a PlanJob (any thread); landed at the step it is due."""

@@ -26,7 +26,7 @@ is never blended in.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -149,7 +149,15 @@ class ThinkTotals:
 
 
 class PlannerLink(Protocol):
-    """The engine's side of a planner pool; both calls come from the engine thread and must not block."""
+    """The engine's side of a planner pool.
+
+    :meth:`engine.scheduler.Engine.attach_planner` calls ``connect`` once with
+    the engine's ``post_result`` (where results go, callable from any thread),
+    so a pool and an engine are built independently and joined afterwards.
+    ``submit`` and ``discard`` come from the engine thread and must not block.
+    """
+
+    def connect(self, deliver: Callable[[StateDelta | PlanDropped], None]) -> None: ...
 
     def submit(self, job: PlanJob) -> None: ...
 

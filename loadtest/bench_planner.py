@@ -74,8 +74,9 @@ def bench_itl(checkpoint: Path, rounds: int, tokens: int) -> dict:
     out = {}
 
     async def main():
-        pool = PlannerPool(lambda r: engine.post_result(r), WorkerSpec(str(checkpoint)))
-        engine = Engine(model, tok, planner=pool)
+        pool = PlannerPool(WorkerSpec(str(checkpoint)))
+        engine = Engine(model, tok)
+        engine.attach_planner(pool)
         await pool.start()
         engine.start()
         while not (engine.ready.is_set() and pool.ready):

@@ -96,10 +96,13 @@ class _Shard:
     restarts: int = 0
 
 
+def _unconnected(result: StateDelta | PlanDropped) -> None:
+    raise RuntimeError("planner pool is not connected to an engine (Engine.attach_planner)")
+
+
 class PlannerPool:
     def __init__(
         self,
-        post: Callable[[StateDelta | PlanDropped], None],
         spec: WorkerSpec,
         *,
         workers: int = 1,
@@ -113,7 +116,7 @@ class PlannerPool:
     ):
         if workers < 1:
             raise ValueError("a planner pool needs at least one worker")
-        self.post = post
+        self.post: Callable[[StateDelta | PlanDropped], None] = _unconnected
         self.spec = spec
         self.max_pending = max_pending
         self.max_batch = max_batch
@@ -155,6 +158,10 @@ class PlannerPool:
         return sum(len(s.pending) for s in self._shards)
 
     # The engine's side (engine thread) -------------------------------------
+    def connect(self, deliver: Callable[[StateDelta | PlanDropped], None]) -> None:
+        """Where results go (the engine's ``post_result``); see :meth:`engine.scheduler.Engine.attach_planner`."""
+        self.post = deliver
+
     def submit(self, job: PlanJob) -> None:
         try:
             self._loop.call_soon_threadsafe(self._enqueue, job)

@@ -104,14 +104,16 @@ def build(args: argparse.Namespace):
 
         spec = WorkerSpec(checkpoint=str(args.checkpoint), simulator=args.planner_simulator,
                           threads=args.planner_threads, nice=args.planner_nice, dtype=args.dtype)
-        pool = PlannerPool(lambda result: engine.post_result(result), spec, workers=args.planner_workers,
-                           max_pending=args.planner_max_pending, max_batch=args.planner_max_batch, observer=metrics)
+        pool = PlannerPool(spec, workers=args.planner_workers, max_pending=args.planner_max_pending,
+                           max_batch=args.planner_max_batch, observer=metrics)
     engine = Engine(
         loaded.model, loaded.tokenizer, max_running=args.max_running, max_waiting=args.max_waiting,
         prefill_chunk=args.prefill_chunk, max_context=args.max_context,
         sessions=SessionStore(max_bytes=args.session_bytes, ttl_seconds=args.session_ttl),
-        prefix_cache=PrefixCache(max_bytes=args.prefix_cache_bytes), observer=metrics, planner=pool,
+        prefix_cache=PrefixCache(max_bytes=args.prefix_cache_bytes), observer=metrics,
     )
+    if pool is not None:
+        engine.attach_planner(pool)
     config = ServerConfig(model_name=name, default_max_tokens=args.default_max_tokens,
                           max_body_bytes=args.max_body_bytes, api_keys=load_api_keys(args))
     app = create_app(engine, loaded.tokenizer, ChatTemplate.for_checkpoint(loaded.tokenizer, args.checkpoint), config,

@@ -42,9 +42,9 @@ def run_streams(model, checkpoint, think: ThinkParams, target=None, streams=3, n
     async def main():
         if target is not None:
             pool_kw["target"] = target
-        pool = PlannerPool(lambda r: engine.post_result(r), WorkerSpec(str(checkpoint), simulator="backbone", nice=0),
-                           observer=counts, **pool_kw)
-        engine = Engine(model, TOK, planner=pool)
+        pool = PlannerPool(WorkerSpec(str(checkpoint), simulator="backbone", nice=0), observer=counts, **pool_kw)
+        engine = Engine(model, TOK)
+        engine.attach_planner(pool)
         await pool.start()
         engine.start()
         try:

@@ -31,13 +31,16 @@ class ThreadLink:
 
     def __init__(self, answer):
         self.answer = answer
-        self.engine: Engine | None = None
+        self.deliver = None
         self.jobs: list[PlanJob] = []
         self.discarded: list = []
 
     def submit(self, job: PlanJob) -> None:
         self.jobs.append(job)
-        threading.Thread(target=lambda: self.engine.post_result(self.answer(job)), daemon=True).start()
+        threading.Thread(target=lambda: self.deliver(self.answer(job)), daemon=True).start()
+
+    def connect(self, deliver) -> None:
+        self.deliver = deliver
 
     def discard(self, request_id) -> None:
         self.discarded.append(request_id)
@@ -57,9 +60,9 @@ def planner_answer(model, seed=0):
 
 def generate(model, link, think: ThinkParams | None, n=40, prompt=b"The planner ", temperature=0.0, seed=None):
     async def main():
-        engine = Engine(model, TOK, planner=link)
+        engine = Engine(model, TOK)
         if link is not None:
-            link.engine = engine
+            engine.attach_planner(link)
         engine.start()
         while not engine.ready.is_set():
             await asyncio.sleep(0.01)

@@ -27,7 +27,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from engine.injection import land
 from engine.models import MambaLMHeadModel
 from engine.sampling import SamplingParams
 from engine.scheduler import Engine, FinishEvent, GenerationRequest, TokenEvent
-from engine.thinking import PlanJob, StateDelta, ThinkParams
+from engine.thinking import PlanDropped, PlanJob, StateDelta, ThinkParams
 from engine.tokenizer import ByteTokenizer
 from engine.train import tasks
 from engine.train.common import StageConfig
@@ -91,11 +91,13 @@ class InlinePlanner:
 
     def __init__(self, planner: Planner):
         self.planner = planner
-        self.engine: Engine | None = None
+        self.deliver: Callable[[StateDelta | PlanDropped], None] | None = None
+
+    def connect(self, deliver: Callable[[StateDelta | PlanDropped], None]) -> None:
+        self.deliver = deliver
 
     def submit(self, job: PlanJob) -> None:
-        assert self.engine is not None
-        self.engine.post_result(self.planner.run([job])[0])
+        self.deliver(self.planner.run([job])[0])
 
     def discard(self, request_id: Hashable) -> None:
         self.planner.forget(request_id)
@@ -214,8 +216,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     # Held-out problems.
     problems = tasks.problems(cfg.problems, "heldout", seed=cfg.seed + 11)
     link = InlinePlanner(Planner(simulator))
-    engine = Engine(model, ByteTokenizer(), max_running=32, max_waiting=len(problems) + 1, planner=link)
-    link.engine = engine
+    engine = Engine(model, ByteTokenizer(), max_running=32, max_waiting=len(problems) + 1)
+    engine.attach_planner(link)
     engine.start()
     try:
         answers_off, _ = answer(engine, problems, None, cfg.max_answer_tokens, cfg.seed)
