@@ -33,9 +33,10 @@ import torch
 from engine.checkpoint import load_model
 from engine.config import MambaConfig
 from engine.models import MambaLMHeadModel
+from engine.requests import GenerationRequest, TokenEvent
 from engine.runtime import engine_threads, set_threads
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine, GenerationRequest, TokenEvent
+from engine.scheduler import Engine
 from engine.thinking import ThinkParams
 from engine.tokenizer import ByteTokenizer
 from planner.mcts import SearchConfig, Tree, search

@@ -72,8 +72,9 @@ async def single_stream_pair(checkpoint: Path, url: str, prompt: str, max_tokens
     engine runs and the reverse), so drifts of a shared machine hit both.
     """
     from engine.checkpoint import load_model
+    from engine.requests import GenerationRequest
     from engine.sampling import SamplingParams
-    from engine.scheduler import Engine, GenerationRequest
+    from engine.scheduler import Engine
 
     loaded = load_model(checkpoint)
     engine = Engine(loaded.model, loaded.tokenizer)

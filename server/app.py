@@ -1,6 +1,6 @@
 """FastAPI application: OpenAI-compatible completions and chat, sessions, health, metrics.
 
-The HTTP layer validates, tokenizes, leases sessions and turns engine events
+The HTTP layer validates, tokenizes, submits to the engine (which leases sessions) and turns engine events
 into OpenAI JSON / SSE. It never touches tensors: everything model-side goes
 through :class:`engine.scheduler.Engine`.
 """
@@ -20,9 +20,18 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.chat import ChatTemplate, ChatTemplateError
+from engine.requests import (
+    ContextLengthExceeded,
+    EmptyPrompt,
+    EngineDead,
+    EngineOverloaded,
+    FinishEvent,
+    GenerationRequest,
+    TokenEvent,
+)
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine, EngineDead, EngineOverloaded, FinishEvent, GenerationRequest, TokenEvent
-from engine.sessions import Session, SessionBusy, SessionNotFound, SessionTooLarge
+from engine.scheduler import Engine
+from engine.sessions import SessionBusy, SessionNotFound, SessionTooLarge
 from engine.thinking import ThinkParams, ThoughtEvent
 from engine.tokenizer import Tokenizer
 from server.errors import APIError, error_body, install_error_handlers
@@ -44,7 +53,7 @@ class Generation:
     """One accepted request on its way through the engine."""
 
     handle: object
-    session: Session | None
+    session_id: str | None  # the session the request continues, if any
     logprobs: int | None  # None: not asked; else number of alternatives
     token_ids_as_text: bool
 
@@ -162,40 +171,25 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
             raise APIError(400, f"token ids out of range [0, {engine.vocab}): {bad[:5]}", param="prompt")
         params = sampling_of(body, logprobs)
         thinking = think_params(think if think is not None else body.think)
-        session = None
-        if body.session_id is not None:
-            session = _session_or_404(lambda: engine.sessions.lease(body.session_id, owner), body.session_id)
-        history = session.n_tokens if session else 0
+        request = GenerationRequest(
+            prompt_ids=prompt_ids, params=params, max_tokens=max_tokens or config.default_max_tokens,
+            stop=body.stop, stop_token_ids=list(stop_token_ids), ignore_eos=body.ignore_eos,
+            session_id=body.session_id, owner=owner,
+            prefix_boundaries=list(boundaries) if body.session_id is None else [],
+            think=thinking,
+        )
         try:
-            total = history + len(prompt_ids)
-            if not prompt_ids and not (session and session.pending):
-                raise APIError(400, "the prompt is empty", param="prompt")
-            if total >= engine.max_context:
-                raise APIError(400, f"this model's maximum context length is {engine.max_context} tokens; the "
-                                    f"request has {total} ({history} of session history + {len(prompt_ids)} of "
-                                    f"prompt), leaving no room to generate", param="prompt",
-                               code="context_length_exceeded")
-            request = GenerationRequest(
-                prompt_ids=prompt_ids, params=params, max_tokens=max_tokens or config.default_max_tokens,
-                stop=body.stop, stop_token_ids=list(stop_token_ids), ignore_eos=body.ignore_eos, session=session,
-                prefix_boundaries=list(boundaries) if session is None else [],
-                think=thinking,
-            )
-            handle = engine.submit(request)
+            handle = _session_or_404(lambda: engine.submit(request), body.session_id)
+        except EmptyPrompt:
+            raise APIError(400, "the prompt is empty", param="prompt") from None
+        except ContextLengthExceeded as exc:
+            raise APIError(400, str(exc), param="prompt", code="context_length_exceeded") from None
         except EngineOverloaded:
-            if session is not None:
-                engine.sessions.release(session)
             raise APIError(429, "server is at capacity; retry later", code="overloaded",
                            headers={"Retry-After": str(config.retry_after_seconds)}) from None
         except EngineDead:
-            if session is not None:
-                engine.sessions.release(session)
             raise APIError(503, "engine is not running") from None
-        except BaseException:
-            if session is not None:
-                engine.sessions.release(session)
-            raise
-        return Generation(handle, session, logprobs, body.return_tokens_as_token_ids)
+        return Generation(handle, body.session_id, logprobs, body.return_tokens_as_token_ids)
 
     def token_str(tid: int, as_ids: bool) -> str:
         return f"token_id:{tid}" if as_ids else tokenizer.token_repr(tid)
@@ -249,8 +243,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
         def chunk(text: str, logprobs: dict | None, reason: str | None) -> dict:
             out = {"id": rid, "object": "text_completion", "created": created, "model": config.model_name,
                    "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
-            if gen.session is not None:
-                out["session_id"] = gen.session.id
+            if gen.session_id is not None:
+                out["session_id"] = gen.session_id
             return out
 
         if body.stream:
@@ -303,8 +297,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
         def chunk(delta: dict, logprobs: dict | None, reason: str | None) -> dict:
             out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": config.model_name,
                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
-            if gen.session is not None:
-                out["session_id"] = gen.session.id
+            if gen.session_id is not None:
+                out["session_id"] = gen.session_id
             return out
 
         if body.stream:
@@ -328,8 +322,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
                             "logprobs": chat_logprobs(events, gen.token_ids_as_text) if gen.logprobs is not None else None,
                             "finish_reason": finish_reason(final)}],
                "usage": usage_json(final)}
-        if gen.session is not None:
-            out["session_id"] = gen.session.id
+        if gen.session_id is not None:
+            out["session_id"] = gen.session_id
         return out
 
     # Thinking ---------------------------------------------------------------------------
@@ -364,8 +358,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
                     else:
                         done = {"id": rid, "text": event.text, "finish_reason": finish_reason(event),
                                 "usage": usage_json(event)}
-                        if gen.session is not None:
-                            done["session_id"] = gen.session.id
+                        if gen.session_id is not None:
+                            done["session_id"] = gen.session_id
                         out.append(_sse(done, "done"))
                 if out:
                     yield b"".join(out)
@@ -470,23 +464,9 @@ async def _sse_events(gen: Generation, body, observe, *, head: list[bytes], text
             yield b"".join(out)
 
 
-async def _batches(gen: Generation) -> AsyncIterator[list[TokenEvent | FinishEvent]]:
-    """The request's events, in batches of whatever has arrived (one write per batch).
-
-    If the consumer goes away first (client disconnect), the request is cancelled.
-    """
-    queue = gen.handle.queue
-    finished = False
-    try:
-        while not finished:
-            batch = [await queue.get()]
-            while not queue.empty():
-                batch.append(queue.get_nowait())
-            finished = isinstance(batch[-1], FinishEvent)
-            yield batch
-    finally:
-        if not finished:
-            gen.handle.cancel()
+def _batches(gen: Generation) -> AsyncIterator[list[TokenEvent | ThoughtEvent | FinishEvent]]:
+    """The request's events in batches of whatever has arrived; a consumer that goes away cancels it."""
+    return gen.handle.batches()
 
 
 async def _collect(gen: Generation, observe, request: Request) -> tuple[list[TokenEvent], FinishEvent]:

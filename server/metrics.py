@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.scheduler import EngineObserver
+from engine.requests import EngineObserver
 from planner.pool import PlannerObserver
 
 # ms-scale CPU decoding: buckets start at 1 ms (vLLM's TTFT buckets, extended).

@@ -8,8 +8,9 @@ import collections
 import pytest
 
 from engine.checkpoint import save_checkpoint
+from engine.requests import GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine, GenerationRequest, TokenEvent
+from engine.scheduler import Engine
 from engine.thinking import ThinkParams, ThoughtEvent
 from engine.tokenizer import ByteTokenizer
 from planner.pool import PlannerObserver, PlannerPool

@@ -7,9 +7,19 @@ import asyncio
 import pytest
 import torch
 
+from engine.requests import (
+    ContextLengthExceeded,
+    EmptyPrompt,
+    EngineDead,
+    EngineOverloaded,
+    FinishEvent,
+    GenerationRequest,
+    TokenEvent,
+)
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine, EngineOverloaded, FinishEvent, GenerationRequest, TokenEvent, _StopMatcher
+from engine.scheduler import Engine
 from engine.sessions import PrefixCache, SessionBusy, SessionNotFound, SessionStore, SessionTooLarge
+from engine.stops import StopMatcher
 from engine.tokenizer import ByteTokenizer
 from tests.conftest import make_model
 
@@ -32,8 +42,7 @@ def with_engine(model, coro_fn, **kw):
     async def main():
         engine = Engine(model, TOK, **kw)
         engine.start()
-        while not engine.ready.is_set():
-            await asyncio.sleep(0.01)
+        await asyncio.to_thread(engine.wait_ready, 60)
         try:
             return await coro_fn(engine)
         finally:
@@ -69,7 +78,7 @@ def test_long_prompt_does_not_freeze_running_streams(model):
     async def go(engine):
         short = engine.submit(GenerationRequest(prompt_ids=TOK.encode("hi"), max_tokens=60, ignore_eos=True,
                                                 params=SamplingParams(temperature=0)))
-        first = await short.queue.get()
+        first = await short.next_event()
         long_prompt = list(range(200)) * 10  # 2000 tokens, 16 tokens per step
         long = engine.submit(GenerationRequest(prompt_ids=long_prompt, max_tokens=1, ignore_eos=True))
         short_times = [first.time] + [e.time async for e in short.events() if isinstance(e, TokenEvent)]
@@ -88,7 +97,7 @@ def test_overload_raises_and_cancel_leaves_within_a_step(model):
         b = engine.submit(GenerationRequest(prompt_ids=[2], max_tokens=100000, ignore_eos=True))
         with pytest.raises(EngineOverloaded):
             engine.submit(GenerationRequest(prompt_ids=[3], max_tokens=1))
-        await a.queue.get()
+        await a.next_event()
         a.cancel()
         fin = [e async for e in a.events()][-1]
         b.cancel()
@@ -102,10 +111,8 @@ def test_overload_raises_and_cancel_leaves_within_a_step(model):
 def test_session_resume_and_cancel_keep_consistent_state(model):
     async def go(engine):
         s = engine.sessions.create(None)
-        engine.sessions.lease(s.id, None)
-        ev1, _ = await run(engine, TOK.encode("abc"), 5, session=s)
-        engine.sessions.lease(s.id, None)
-        ev2, fin2 = await run(engine, TOK.encode("de"), 4, session=s)
+        ev1, _ = await run(engine, TOK.encode("abc"), 5, session_id=s.id)
+        ev2, fin2 = await run(engine, TOK.encode("de"), 4, session_id=s.id)
         return s, [e.token_id for e in ev1], [e.token_id for e in ev2], fin2
 
     s, out1, out2, fin2 = with_engine(model, go)
@@ -133,13 +140,13 @@ def test_prefix_cache_reuses_a_conversation(model):
 
 
 def test_stop_matcher_holds_back_partial_matches():
-    m = _StopMatcher(["END", "xy"])
+    m = StopMatcher(["END", "xy"])
     assert m.feed("abcE") == ("abc", False)
     assert m.feed("N") == ("", False)
     assert m.feed("Q") == ("ENQ", False)
     assert m.feed("zzx") == ("zz", False)
     assert m.feed("y tail") == ("", True)
-    m = _StopMatcher([])
+    m = StopMatcher([])
     assert m.feed("anything") == ("anything", False)
 
 
@@ -173,3 +180,85 @@ def test_session_store_bounds():
     tiny.lease(s.id, None)
     with pytest.raises(SessionTooLarge):
         tiny.release(s, state=one.clone(), pending=[], n_tokens=1)
+
+
+# Lease ownership and final events --------------------------------------------------------
+def test_the_engine_holds_a_session_lease_for_exactly_the_life_of_its_request(model):
+    async def go(engine):
+        s = engine.sessions.create(None)
+        handle = engine.submit(GenerationRequest(prompt_ids=[1, 2], max_tokens=100000, ignore_eos=True,
+                                                 session_id=s.id))
+        await handle.next_event()
+        busy_while_running = s.busy
+        with pytest.raises(SessionBusy):  # a second request on the same session is refused, holding nothing
+            engine.submit(GenerationRequest(prompt_ids=[3], session_id=s.id))
+        handle.cancel()
+        fin = [e async for e in handle.events()][-1]
+        with pytest.raises(SessionNotFound):
+            engine.submit(GenerationRequest(prompt_ids=[3], session_id=s.id, owner="someone else"))
+        with pytest.raises(ContextLengthExceeded):  # refused after leasing: the lease goes back
+            engine.submit(GenerationRequest(prompt_ids=[1] * engine.max_context, session_id=s.id))
+        with pytest.raises(EmptyPrompt):
+            engine.submit(GenerationRequest(prompt_ids=[], session_id=engine.sessions.create(None).id))
+        return s, busy_while_running, fin
+
+    s, busy_while_running, fin = with_engine(model, go, max_context=64)
+    assert busy_while_running and fin.reason == "cancelled"
+    assert not s.busy and s.n_tokens >= 3  # written back: the prompt and what was generated before the cancel
+
+
+class FailingSteps:
+    """Wraps a model so that chosen decode steps raise (a fault in one step of the batch)."""
+
+    def __init__(self, model, fail_at: set[int]):
+        self.model, self.fail_at, self.steps = model, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def eval(self):
+        return self
+
+    def step(self, tokens, state):
+        self.steps += 1
+        if self.steps in self.fail_at:
+            raise RuntimeError("injected step failure")
+        return self.model.step(tokens, state)
+
+
+def test_a_failed_step_ends_every_request_in_flight_once_and_gives_every_lease_back(model):
+    async def go(engine):
+        sessions = [engine.sessions.create(None) for _ in range(3)]
+        handles = [engine.submit(GenerationRequest(prompt_ids=[i + 1], max_tokens=50, ignore_eos=True,
+                                                   session_id=s.id)) for i, s in enumerate(sessions)]
+        handles.append(engine.submit(GenerationRequest(prompt_ids=[9], max_tokens=50, ignore_eos=True)))
+        finals = []
+        for h in handles:
+            finals.append([e async for e in h.events() if isinstance(e, FinishEvent)])
+        after, _ = await run(engine, [5, 6], 4)  # the engine keeps serving
+        return sessions, finals, after
+
+    failing = FailingSteps(model, fail_at={3})
+    sessions, finals, after = with_engine(failing, go)
+    assert all(len(f) == 1 for f in finals)  # exactly one final event each
+    assert {f[0].reason for f in finals} == {"error"} and "injected step failure" in finals[0][0].error
+    assert not any(s.busy for s in sessions)
+    assert [e.token_id for e in after] == reference_greedy(model, [5, 6], 4)
+
+
+def test_shutdown_ends_requests_in_flight_with_a_final_event(model):
+    async def go():
+        engine = Engine(model, TOK)
+        engine.start()
+        await asyncio.to_thread(engine.wait_ready, 60)
+        s = engine.sessions.create(None)
+        handle = engine.submit(GenerationRequest(prompt_ids=[1], max_tokens=100000, ignore_eos=True, session_id=s.id))
+        await handle.next_event()
+        await asyncio.to_thread(engine.shutdown)
+        rest = [e async for e in handle.events()]
+        with pytest.raises(EngineDead):
+            engine.submit(GenerationRequest(prompt_ids=[1]))
+        return s, rest[-1]
+
+    s, fin = asyncio.run(go())
+    assert fin.reason == "error" and "shutting down" in fin.error and not s.busy

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from engine.injection import effective_rate, inject
+from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine, FinishEvent, GenerationRequest, TokenEvent
+from engine.scheduler import Engine
 from engine.thinking import PlanJob, StateDelta, ThinkParams, ThoughtEvent
 from engine.tokenizer import ByteTokenizer
 from planner.model import PlannerNet
@@ -64,8 +65,7 @@ def generate(model, link, think: ThinkParams | None, n=40, prompt=b"The planner 
         if link is not None:
             engine.attach_planner(link)
         engine.start()
-        while not engine.ready.is_set():
-            await asyncio.sleep(0.01)
+        await asyncio.to_thread(engine.wait_ready, 60)
         try:
             handle = engine.submit(GenerationRequest(list(prompt), SamplingParams(temperature=temperature, seed=seed,
                                                                                   logprobs=0),

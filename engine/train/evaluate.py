@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from engine.checkpoint import load_model
 from engine.injection import land
 from engine.models import MambaLMHeadModel
+from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine, FinishEvent, GenerationRequest, TokenEvent
+from engine.scheduler import Engine
 from engine.thinking import PlanDropped, PlanJob, StateDelta, ThinkParams
 from engine.tokenizer import ByteTokenizer
 from engine.train import tasks

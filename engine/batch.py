@@ -1,0 +1,74 @@
+"""The decode batch: the sequences decoded together and their states, row ``i`` for ``seqs[i]``.
+
+States live in a persistent buffer that grows to ``max_running`` rows and is
+decoded in place (rows ``[0, n)``), so a step allocates no state. A sequence
+that leaves takes a copy of its row; the last row moves into the hole, so the
+live rows stay contiguous.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from engine.models import MambaLMHeadModel
+from engine.state import MambaState
+
+if TYPE_CHECKING:
+    from engine.sequence import ActiveSequence
+
+
+class DecodeBatch:
+    def __init__(self, model: MambaLMHeadModel, capacity: int):
+        self.model = model
+        self.capacity = capacity
+        self.seqs: list[ActiveSequence] = []
+        self._states: MambaState | None = None
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __iter__(self) -> Iterator[ActiveSequence]:
+        return iter(self.seqs)
+
+    def join(self, seq: ActiveSequence, state: MambaState) -> int:
+        """Add ``seq`` with its batch-1 ``state`` as the last row; returns the row."""
+        row = len(self.seqs)
+        if self._states is None or self._states.batch_size <= row:
+            grown = self.model.allocate_state(max(self.capacity, row + 1))
+            if self._states is not None and row > 0:
+                grown.write_rows(list(range(row)), self._states.select(list(range(row))))
+            self._states = grown
+        self._states.write_rows([row], state)
+        self.seqs.append(seq)
+        return row
+
+    def leave(self, seq: ActiveSequence) -> MambaState:
+        """Remove ``seq``; returns a copy of its state."""
+        row = self.seqs.index(seq)
+        state = self._states.select([row])
+        last = len(self.seqs) - 1
+        if row != last:
+            self._states.write_rows([row], self._states.select([last]))
+            self.seqs[row] = self.seqs[last]
+        self.seqs.pop()
+        return state
+
+    def live(self) -> MambaState:
+        """The live rows ``[0, n)`` as views: a decode step writes them in place."""
+        n = len(self.seqs)
+        return MambaState(self._states.conv[:, :n], self._states.ssm[:, :n])
+
+    def copy_row(self, row: int) -> MambaState:
+        return self._states.select([row])
+
+    def ssm_row(self, row: int) -> Tensor:
+        """Row ``row``'s SSM state (n_layer, d_inner, d_state), a live view."""
+        return self._states.ssm[:, row]
+
+    def clear(self) -> None:
+        """Forget every sequence and the buffer (after a failed step its contents are unknown)."""
+        self.seqs.clear()
+        self._states = None

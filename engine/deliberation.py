@@ -1,0 +1,158 @@
+"""Deliberation in the decode loop: plan jobs out to a planner, state deltas back into live rows.
+
+A sequence that thinks posts a :class:`~engine.thinking.PlanJob` every
+``plan_every`` tokens (the first at its first generated token). The
+planner's answers arrive on any thread through :meth:`Deliberation.post_result`
+and are sorted to their sequences before each decode step; a delta that is
+due is landed (gated injection, :func:`engine.injection.land`) on the
+sequence's SSM state just before the step that reads it. Bounded lag: a
+sequence whose due plan has not answered leaves the batch (the engine pauses
+it) until the plan answers or its wait runs out; the others keep decoding.
+
+Everything here runs on the engine thread except :meth:`Deliberation.post_result`.
+The engine owns the sequences and the batch; this module only reads states and
+writes the rows it is handed.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from engine.injection import land
+from engine.requests import EngineObserver, RequestHandle
+from engine.state import MambaState
+from engine.thinking import PlanDropped, PlanJob, PlannerLink, StateDelta, ThinkTotals, ThoughtEvent
+
+if TYPE_CHECKING:
+    from engine.sequence import ActiveSequence
+
+
+@dataclass
+class PlanState:
+    """A thinking sequence's plans: jobs posted and not answered, deltas waiting for their step."""
+
+    last_plan: int | None = None  # ``fed`` when the newest job was posted
+    outstanding: dict[int, int] = field(default_factory=dict)  # planned_at -> apply_at of unanswered jobs
+    deltas: list[StateDelta] = field(default_factory=list)
+    totals: ThinkTotals = field(default_factory=ThinkTotals)
+    paused_since: float = 0.0
+
+
+class Deliberation:
+    def __init__(self, observer: EngineObserver, emit: Callable[[RequestHandle, ThoughtEvent], None],
+                 max_state_norm: float):
+        self.link: PlannerLink | None = None
+        self.observer = observer
+        self.max_state_norm = max_state_norm
+        self._emit = emit
+        self._thinking: dict[int, ActiveSequence] = {}  # request id -> sequence
+        self._results: collections.deque[StateDelta | PlanDropped] = collections.deque()
+        self._results_ready = threading.Condition()
+
+    @property
+    def active(self) -> bool:
+        """Whether any sequence in flight thinks (the decode step skips all of this otherwise)."""
+        return bool(self._thinking)
+
+    def post_result(self, result: StateDelta | PlanDropped) -> None:
+        """A planner's answer to a PlanJob (any thread); landed at the step it is due."""
+        with self._results_ready:
+            self._results.append(result)
+            self._results_ready.notify()
+
+    # A sequence's life -----------------------------------------------------
+    def begin(self, seq: ActiveSequence) -> None:
+        self._thinking[seq.handle.id] = seq
+
+    def end(self, seq: ActiveSequence) -> None:
+        """Forget a sequence's plans; the planner may drop its tree."""
+        if self._thinking.pop(seq.handle.id, None) is not None and self.link is not None:
+            self.link.discard(seq.handle.id)
+        seq.plans.deltas.clear()
+        seq.plans.outstanding.clear()
+
+    # Jobs out ---------------------------------------------------------------
+    def maybe_plan(self, seq: ActiveSequence, snapshot: Callable[[], MambaState], logits: Tensor) -> None:
+        """Post a job if one is due; ``snapshot()`` copies the state, ``logits`` chose the pending token."""
+        params, plans, fed = seq.req.think, seq.plans, seq.fed
+        if self.link is None or (plans.last_plan is not None and fed - plans.last_plan < params.plan_every):
+            return
+        job = PlanJob(seq.handle.id, fed, snapshot(), logits.detach().clone(), list(seq.generated), params)
+        plans.last_plan = fed
+        plans.outstanding[fed] = job.apply_at
+        plans.totals.plans += 1
+        self.link.submit(job)
+
+    # Results in ---------------------------------------------------------------
+    def collect(self) -> None:
+        """Hand the results that arrived to their sequences (those that ended or gave up drop them)."""
+        with self._results_ready:
+            results = list(self._results)
+            self._results.clear()
+        for result in results:
+            seq = self._thinking.get(result.request_id)
+            if seq is None or seq.plans.outstanding.pop(result.planned_at, None) is None:
+                continue
+            if isinstance(result, StateDelta):
+                seq.plans.totals.simulations += result.simulations
+                seq.plans.deltas.append(result)
+            else:
+                self._thought(seq, ThoughtEvent(result.planned_at, None, result.outcome, 0.0, 0.0, 0.0, [], 0,
+                                                time.monotonic()))
+
+    def wait_for_results(self, timeout: float) -> None:
+        """Sleep until a result arrives or ``timeout`` passes (when nothing else is left to do)."""
+        with self._results_ready:
+            if not self._results:
+                self._results_ready.wait(timeout=timeout)
+
+    # Bounded lag ---------------------------------------------------------------
+    def _due_jobs(self, seq: ActiveSequence) -> list[int]:
+        """planned_at of the jobs that must answer before the sequence's next step (when it waits)."""
+        if seq.plans is None or not seq.req.think.synchronous:
+            return []
+        return [t for t, apply_at in seq.plans.outstanding.items() if apply_at <= seq.fed]
+
+    def must_wait(self, seq: ActiveSequence) -> bool:
+        if self._due_jobs(seq):
+            seq.plans.paused_since = time.monotonic()
+            return True
+        return False
+
+    def may_resume(self, seq: ActiveSequence, now: float) -> bool:
+        """Whether a paused sequence may go on: its plans answered, or its wait ran out (counted ``timeout``)."""
+        due = self._due_jobs(seq)
+        if due and now - seq.plans.paused_since < seq.req.think.max_wait_s:
+            return False
+        for planned_at in due:
+            seq.plans.outstanding.pop(planned_at, None)
+            self._thought(seq, ThoughtEvent(planned_at, None, "timeout", 0.0, 0.0, 0.0, [], 0, now))
+        return True
+
+    # Landing -------------------------------------------------------------------
+    def land_due(self, seq: ActiveSequence, h: Tensor) -> None:
+        """Blend the sequence's due deltas into ``h``, its live SSM state (n_layer, d_inner, d_state)."""
+        plans, fed = seq.plans, seq.fed
+        if not plans.deltas:
+            return
+        due = sorted((d for d in plans.deltas if d.apply_at <= fed), key=lambda d: d.planned_at)
+        plans.deltas = [d for d in plans.deltas if d.apply_at > fed]
+        for delta in due:
+            lag = fed - delta.planned_at
+            taken = seq.generated[delta.planned_at : fed + 1]  # tokens fed since planned_at, and the pending one
+            landing = land(h, delta, taken, lag, seq.req.think, self.max_state_norm)
+            self.observer.on_injection(landing.result, landing.confidence, landing.a_eff, lag)
+            self._thought(seq, ThoughtEvent(delta.planned_at, fed, landing.result, landing.confidence,
+                                            landing.a_eff, landing.delta_norm, delta.path, delta.simulations,
+                                            time.monotonic()))
+
+    def _thought(self, seq: ActiveSequence, event: ThoughtEvent) -> None:
+        seq.plans.totals.count(event.outcome)
+        self._emit(seq.handle, event)

@@ -1,0 +1,184 @@
+"""The engine's public request types: what a caller submits and the events it gets back.
+
+A caller (the HTTP layer, a benchmark, the offline evaluation) builds a
+:class:`GenerationRequest`, hands it to :meth:`engine.scheduler.Engine.submit`
+and reads the :class:`RequestHandle` it gets back: token events, thought
+events when the request thinks, and exactly one :class:`FinishEvent` last,
+whatever way the request ends. Events are produced on the engine thread and
+delivered to the caller's event loop by :class:`Outbox`, one wake-up per loop
+and engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from engine.sampling import SamplingParams
+from engine.thinking import ThinkParams, ThinkTotals, ThoughtEvent
+
+
+class RequestRejected(Exception):
+    """The engine did not accept a request; nothing was queued and no lease is held."""
+
+
+class EngineOverloaded(RequestRejected):
+    """The waiting queue is full; retry later."""
+
+
+class EngineDead(RequestRejected):
+    """The engine thread is not running."""
+
+
+class EmptyPrompt(RequestRejected, ValueError):
+    """Nothing to feed: no prompt tokens and no pending session tokens."""
+
+
+class ContextLengthExceeded(RequestRejected, ValueError):
+    """Session history plus prompt leave no room to generate within the context limit."""
+
+    def __init__(self, history: int, prompt: int, limit: int):
+        super().__init__(f"this model's maximum context length is {limit} tokens; the request has "
+                         f"{history + prompt} ({history} of session history + {prompt} of prompt), "
+                         f"leaving no room to generate")
+        self.history, self.prompt, self.limit = history, prompt, limit
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 16
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    session_id: str | None = None  # continue this session: the engine leases it on submit, releases it at the end
+    owner: str | None = None  # who asks (session ownership); another owner's session is not found
+    prefix_boundaries: Sequence[int] = ()  # chat: token offsets where cached states may be reused / stored
+    think: ThinkParams | None = None  # deliberate with the planner while generating
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    text: str  # text released by this token (may be empty: held for a stop string or an unfinished character)
+    logprob: float
+    top_logprobs: list[tuple[int, float]] | None
+    time: float
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    think: ThinkTotals | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class FinishEvent:
+    reason: str  # "stop", "length", "cancelled" or "error"
+    text: str  # text released at the end (held-back text, a final partial character)
+    usage: Usage
+    time: float
+    error: str | None = None
+
+
+Event = TokenEvent | ThoughtEvent | FinishEvent
+
+
+class EngineObserver:
+    """Hooks the engine calls from its thread (metrics live outside the engine)."""
+
+    def on_step(self, decode_batch: int, prefill_tokens: int, running: int, waiting: int) -> None: ...
+
+    def on_finish(self, reason: str) -> None: ...
+
+    def on_injection(self, result: str, confidence: float, a_eff: float, realised_lag: int) -> None: ...
+
+
+class RequestHandle:
+    """The caller's side of one request: its events, and :meth:`cancel`."""
+
+    _ids = itertools.count()
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.id = next(self._ids)
+        self.request = request
+        self.loop = loop
+        self.submitted = time.monotonic()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop the request; it leaves the batch within one step and still ends with a FinishEvent."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    async def next_event(self) -> Event:
+        return await self._queue.get()
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """Events in batches of whatever has arrived (one write per batch), until the FinishEvent.
+
+        A consumer that stops early (a client disconnect) cancels the request.
+        """
+        finished = False
+        try:
+            while not finished:
+                batch = [await self._queue.get()]
+                while not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                finished = isinstance(batch[-1], FinishEvent)
+                yield batch
+        finally:
+            if not finished:
+                self.cancel()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events until (and including) the FinishEvent."""
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    def _deliver(self, event: Event) -> None:
+        self._queue.put_nowait(event)
+
+
+class Outbox:
+    """Events of the current engine step, per event loop (engine thread only).
+
+    Delivered with one ``call_soon_threadsafe`` per loop and step rather than
+    one per token: each call wakes the loop and takes the GIL.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Event]]] = {}
+
+    def emit(self, handle: RequestHandle, event: Event) -> None:
+        self._items.setdefault(handle.loop, []).append((handle, event))
+
+    def flush(self) -> None:
+        while self._items:
+            loop, items = self._items.popitem()
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody listens to these requests any more
+                for handle, _ in items:
+                    handle.cancel()
+
+
+def _deliver(items: list[tuple[RequestHandle, Event]]) -> None:
+    for handle, event in items:
+        handle._deliver(event)
