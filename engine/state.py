@@ -108,10 +108,6 @@ class MambaState:
             raise StateError("cannot gather an empty list of states")
         return MambaState(torch.cat([s.conv for s in states], dim=1), torch.cat([s.ssm for s in states], dim=1))
 
-    def scatter(self) -> list["MambaState"]:
-        """Split a batch into independent single-sequence states."""
-        return [self.select([i]) for i in range(self.batch_size)]
-
     # Serialisation -----------------------------------------------------
     def to_bytes(self) -> bytes:
         """safetensors bytes: no pickle, dtype and shape recorded."""

@@ -50,9 +50,6 @@ class ByteTokenizer:
         ids = list(text.encode("utf-8"))
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
-    def encode_bytes(self, data: bytes) -> list[int]:
-        return list(data)
-
     def token_bytes(self, token_id: int) -> bytes | None:
         return bytes((token_id,)) if 0 <= token_id < 256 else None
 

@@ -1,4 +1,4 @@
-"""Per-sequence state: serialisation, fork, gather/scatter, SSM replacement."""
+"""Per-sequence state: serialisation, fork, gather/select, writing rows."""
 
 import pytest
 import torch
@@ -44,7 +44,7 @@ def test_fork_is_independent(tiny_model):
     assert torch.equal(parent.ssm, snapshot.ssm) and torch.equal(parent.conv, snapshot.conv)
 
 
-def test_gather_scatter_round_trip_and_decoding(tiny_model):
+def test_gather_select_round_trip_and_decoding(tiny_model):
     singles = [prefilled(tiny_model, 1, seed=s) for s in range(3)]
     batch = MambaState.gather(singles)
     assert batch.batch_size == 3
@@ -54,7 +54,7 @@ def test_gather_scatter_round_trip_and_decoding(tiny_model):
         for i, single in enumerate(singles):
             alone = tiny_model.step(tokens[i : i + 1], single)
             assert (alone[0] - batched_logits[i]).abs().max() < 1e-5
-    for i, part in enumerate(batch.scatter()):
+    for i, part in enumerate(batch.select([i]) for i in range(batch.batch_size)):
         assert torch.allclose(part.ssm, singles[i].ssm, atol=1e-6)
         assert part.ssm.data_ptr() != batch.ssm.data_ptr()  # copies, not views of the batch
     target = tiny_model.allocate_state(3)
