@@ -33,13 +33,13 @@ import torch
 from engine.checkpoint import load_model
 from engine.config import MambaConfig
 from engine.models import MambaLMHeadModel
+from engine.models.planner_net import PlannerNet, load_planner
 from engine.runtime import engine_threads, set_threads
 from engine.sampling import SamplingParams
 from engine.scheduler import Engine, GenerationRequest, TokenEvent
 from engine.thinking import ThinkParams
 from engine.tokenizer import ByteTokenizer
 from planner.mcts import SearchConfig, Tree, search
-from planner.model import PlannerNet, load_planner
 from planner.pool import PlannerPool
 from planner.simulators import BackboneSimulator, LatentSimulator
 from planner.worker import WorkerSpec

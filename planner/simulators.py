@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from engine.models import MambaLMHeadModel
+from engine.models.planner_net import PlannerNet
 from engine.state import MambaState
-from planner.model import PlannerNet
 
 
 @dataclass

@@ -92,7 +92,7 @@ def choose_simulator(kind: str, model, net, trained: bool) -> tuple[str, dict[st
 def load_planner_for(spec: WorkerSpec):
     """(Planner, info, the engine's conv-state dtype) for a worker, from the checkpoint."""
     from engine.checkpoint import load_model
-    from planner.model import load_planner
+    from engine.models.planner_net import load_planner
     from planner.planner import Planner
     from planner.simulators import make_simulator
 

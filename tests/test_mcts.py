@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.models.planner_net import PlannerConfig, PlannerNet
 from planner.mcts import SearchConfig, Tree, confidence, search
-from planner.model import PlannerConfig, PlannerNet
 from planner.simulators import Expansion, LatentSimulator
 
 LONG = 60.0  # a time budget that never ends a search in these tests: simulations do

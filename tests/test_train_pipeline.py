@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from engine.checkpoint import load_model
+from engine.models.planner_net import load_planner
 from engine.train.common import read_jsonl
-from planner.model import load_planner
 from tests.serving import ROOT, running_server
 from tests.train_helpers import tiny_pipeline_config
 

@@ -46,7 +46,7 @@ from engine.tokenizer import ByteTokenizer
 from engine.train import tasks
 from engine.train.common import StageConfig
 from engine.train.data import load_split, sample_windows
-from planner.model import load_planner
+from engine.models.planner_net import load_planner
 from planner.planner import Planner
 from planner.simulators import make_simulator
 from planner.worker import choose_simulator
