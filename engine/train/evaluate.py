@@ -48,8 +48,7 @@ from engine.train.common import StageConfig
 from engine.train.data import load_split, sample_windows
 from engine.models.planner_net import load_planner
 from planner.planner import Planner
-from planner.simulators import make_simulator
-from planner.worker import choose_simulator
+from planner.simulators import choose_simulator, make_simulator
 
 DEFAULT_ARMS = {
     "server_defaults": {},  # what a request with "think": {} gets
