@@ -39,9 +39,10 @@ from engine.sampling import SamplingParams
 from engine.scheduler import Engine, GenerationRequest, TokenEvent
 from engine.thinking import ThinkParams
 from engine.tokenizer import ByteTokenizer
-from planner.mcts import SearchConfig, Tree, search
 from planner.pool import PlannerPool
+from planner.search import SearchConfig, search
 from planner.simulators import BackboneSimulator, LatentSimulator
+from planner.tree import Tree
 from planner.worker import WorkerSpec
 
 ROOT = Path(__file__).resolve().parents[1]
