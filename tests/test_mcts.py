@@ -125,7 +125,7 @@ def _walk(node):
         yield from _walk(child)
 
 
-def test_the_planner_reuses_a_session_tree_along_the_tokens_generated_since_its_last_plan():
+def test_the_planner_reuses_a_request_tree_along_the_tokens_generated_since_its_last_plan():
     from engine.thinking import PlanJob, ThinkParams
     from planner.planner import Planner
     from planner.simulators import BackboneSimulator
