@@ -36,7 +36,8 @@ bench-planner: $(STAMP)
 loadtest: $(STAMP)
 	$(PY) -m loadtest.bench_serving --out loadtest/results/bench_serving.json
 
-# The default checkpoint's recipe: data, then stages 1-4 (resumable), then eval (see checkpoints/README.md).
+# The default checkpoint's recipe: data, then stages 1-4 (resumable); then `make eval`, the planner-in-the-loop
+# evaluation (a separate command: it runs the planner, which engine.train never imports; see checkpoints/README.md).
 TRAIN_CONFIG ?= configs/default.json
 data/pydoc/train.bin: | $(STAMP)
 	$(PY) -m engine.train data --out data/pydoc
@@ -45,7 +46,7 @@ train: $(STAMP) data/pydoc/train.bin
 	$(PY) -m engine.train pipeline --config $(TRAIN_CONFIG)
 
 eval: $(STAMP)
-	$(PY) -m engine.train eval --config $(TRAIN_CONFIG)
+	$(PY) -m planner.evaluate --config $(TRAIN_CONFIG)
 
 # Dashboard PNG from a live server + local Prometheus (needs the prometheus binary).
 dashboard: $(STAMP)

@@ -1,6 +1,9 @@
 """CRSM serve engine: the Mamba model, its recurrent state, tokenizer, sampling and checkpoints.
 
-Nothing here imports ``server`` or ``planner``.
+It also holds the planner's networks (:mod:`engine.models.planner_net`:
+latent dynamics, policy and value heads over the engine's state) and the
+stages that train them (:mod:`engine.train`); the search itself is in
+``planner/``. Nothing here depends on ``server`` or ``planner``.
 """
 
 from engine.config import ConfigError, MambaConfig

@@ -33,16 +33,17 @@ import torch
 from engine.checkpoint import load_model
 from engine.config import MambaConfig
 from engine.models import MambaLMHeadModel
+from engine.models.planner_net import PlannerNet, load_planner
 from engine.requests import GenerationRequest, TokenEvent
 from engine.runtime import engine_threads, set_threads
 from engine.sampling import SamplingParams
 from engine.scheduler import Engine
 from engine.thinking import ThinkParams
 from engine.tokenizer import ByteTokenizer
-from planner.mcts import SearchConfig, Tree, search
-from planner.model import PlannerNet, load_planner
 from planner.pool import PlannerPool
+from planner.search import SearchConfig, search
 from planner.simulators import BackboneSimulator, LatentSimulator
+from planner.tree import Tree
 from planner.worker import WorkerSpec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,13 @@
+"""The planner (System 2): searches over the engine's state and posts state deltas back.
+
+:mod:`planner.tree` (nodes, PUCT selection, reuse along the generated tokens)
+and :mod:`planner.search` (batched search over many requests' trees) run over
+a simulator from :mod:`planner.simulators` (the planner's networks, which live
+in :mod:`engine.models.planner_net`, or the backbone's own step).
+:mod:`planner.planner` turns plan jobs into state deltas, :mod:`planner.worker`
+runs it in a separate process and :mod:`planner.pool` drives those processes
+from asyncio for the server. :mod:`planner.evaluate` measures planner off
+against on (``make eval``). The planner reads state snapshots and never
+mutates a sequence: the engine applies the deltas. It imports ``engine``,
+never ``server``.
+"""

@@ -1,10 +1,10 @@
-"""From plan jobs to state deltas: trees kept per session, searched in batches.
+"""From plan jobs to state deltas: a search tree kept per request, searched in batches.
 
 :class:`Planner` is what a worker runs (in its own process, see
 :mod:`planner.pool`), and what tests and offline evaluation call directly.
 For a batch of :class:`~engine.thinking.PlanJob` it
 
-1. re-roots each session's tree on the tokens generated since its last plan
+1. re-roots each request's tree on the tokens generated since its last plan
    (tree reuse), or starts a fresh tree from the job's state and root logits;
 2. forces the pending token (already sampled by the engine) as the first
    move, and searches below it, all trees' leaves batched together;
@@ -23,8 +23,9 @@ from collections.abc import Hashable
 import torch
 
 from engine.thinking import PlanJob, StateDelta
-from planner.mcts import SearchConfig, Tree, best_path, confidence, search
+from planner.search import SearchConfig, best_path, search
 from planner.simulators import Simulator, ssm_part
+from planner.tree import Tree, confidence
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,21 @@ class Planner:
     def forget(self, request_id: Hashable) -> None:
         self._trees.pop(request_id, None)
 
+    def tree(self, request_id: Hashable) -> Tree | None:
+        """The tree kept for ``request_id`` (re-rooted on its next plan), or None."""
+        kept = self._trees.get(request_id)
+        return None if kept is None else kept[0]
+
+    def __contains__(self, request_id: Hashable) -> bool:
+        return request_id in self._trees
+
+    def __len__(self) -> int:
+        """Requests whose trees are kept (at most ``max_trees``, least recently planned dropped first)."""
+        return len(self._trees)
+
     @torch.inference_mode()
     def run(self, jobs: list[PlanJob]) -> list[StateDelta]:
-        """One batched search for ``jobs`` (one per session); a delta per job, in order."""
+        """One batched search for ``jobs`` (one per request); a delta per job, in order."""
         if not jobs:
             return []
         roots = [self.simulator.root_states(job.state) for job in jobs]

@@ -1,12 +1,13 @@
 """The planner pool: asyncio workers, each driving one planner process.
 
 The engine thread hands jobs over with :meth:`PlannerPool.submit` (never
-blocking: the job hops onto the event loop). Each session is routed to one
-worker, so its tree stays in one process and is reused. A worker's queue
-keeps the newest job per session (an older one still waiting is dropped as
-``superseded``) and the pool holds at most ``max_pending`` jobs (past that
-the oldest goes, as ``overflow``). A worker takes up to ``max_batch`` jobs of
-different sessions and searches them as one batch in its process.
+blocking: the job hops onto the event loop). Each request (one generating
+sequence) is routed to one worker by its ``request_id``, so its tree stays in
+one process and is reused. A worker's queue keeps the newest job per request
+(an older one still waiting is dropped as ``superseded``) and the pool holds
+at most ``max_pending`` jobs (past that the oldest goes, as ``overflow``). A
+worker takes up to ``max_batch`` jobs of different requests and searches them
+as one batch in its process.
 
 Failures never reach a stream: a search that raises is answered ``error``;
 a process that dies is replaced (``error``); a call that overruns its hang

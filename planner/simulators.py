@@ -12,18 +12,24 @@ store per part and gather rows.
   logits, conv and SSM state), with the planner net's value head. On tiny
   backbones it costs about as much as the dynamics and is exact, so it is the
   better simulator there; ``loadtest/bench_planner.py`` measures both.
+
+:func:`make_simulator` builds one by name; :func:`choose_simulator` resolves
+``auto`` (as the server's ``--planner-simulator`` and the evaluation do).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from engine.models import MambaLMHeadModel
+from engine.models.planner_net import PlannerNet
 from engine.state import MambaState
-from planner.model import PlannerNet
+
+AUTO_COST_RATIO = 3.0  # the dynamics must be this much cheaper than the backbone step for "auto" to pick it
 
 
 @dataclass
@@ -80,6 +86,28 @@ def make_simulator(kind: str, model: MambaLMHeadModel, net: PlannerNet) -> Simul
     if kind == "backbone":
         return BackboneSimulator(model, net)
     raise ValueError(f"unknown simulator {kind!r} (dynamics or backbone)")
+
+
+def choose_simulator(kind: str, model: MambaLMHeadModel, net: PlannerNet,
+                     trained: bool) -> tuple[str, dict[str, float]]:
+    """Resolve "auto" by timing both simulators on a batch of 64 leaves here (see AUTO_COST_RATIO)."""
+    if kind != "auto":
+        return kind, {}
+    if not trained:
+        return "backbone", {}
+    state = model.allocate_state(64)
+    state.ssm.normal_()
+    tokens = torch.zeros(64, dtype=torch.long)
+    costs = {}
+    for sim in (LatentSimulator(net), BackboneSimulator(model, net)):
+        states = sim.root_states(state)
+        sim.expand(states, tokens)
+        start = time.perf_counter()
+        for _ in range(5):
+            sim.expand(states, tokens)
+        costs[sim.name] = (time.perf_counter() - start) / 5
+    ratio = costs["backbone"] / max(costs["dynamics"], 1e-9)
+    return ("dynamics" if ratio >= AUTO_COST_RATIO else "backbone"), {"cost_ratio": ratio}
 
 
 def ssm_part(simulator: Simulator) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -30,8 +29,6 @@ from engine.state import MambaState
 from engine.thinking import PlanJob, StateDelta
 
 log = logging.getLogger(__name__)
-
-AUTO_COST_RATIO = 3.0  # the dynamics must be this much cheaper than the backbone step for "auto" to pick it
 
 
 @dataclass(frozen=True)
@@ -66,35 +63,12 @@ def delta_from_wire(wire: dict[str, Any]) -> StateDelta:
 
 
 # The process ----------------------------------------------------------------
-def choose_simulator(kind: str, model, net, trained: bool) -> tuple[str, dict[str, float]]:
-    """Resolve "auto" by timing both simulators on a batch of 64 leaves here (see AUTO_COST_RATIO)."""
-    if kind != "auto":
-        return kind, {}
-    if not trained:
-        return "backbone", {}
-    from planner.simulators import BackboneSimulator, LatentSimulator
-
-    state = model.allocate_state(64)
-    state.ssm.normal_()
-    tokens = torch.zeros(64, dtype=torch.long)
-    costs = {}
-    for sim in (LatentSimulator(net), BackboneSimulator(model, net)):
-        states = sim.root_states(state)
-        sim.expand(states, tokens)
-        start = time.perf_counter()
-        for _ in range(5):
-            sim.expand(states, tokens)
-        costs[sim.name] = (time.perf_counter() - start) / 5
-    ratio = costs["backbone"] / max(costs["dynamics"], 1e-9)
-    return ("dynamics" if ratio >= AUTO_COST_RATIO else "backbone"), {"cost_ratio": ratio}
-
-
 def load_planner_for(spec: WorkerSpec):
     """(Planner, info, the engine's conv-state dtype) for a worker, from the checkpoint."""
     from engine.checkpoint import load_model
-    from planner.model import load_planner
+    from engine.models.planner_net import load_planner
     from planner.planner import Planner
-    from planner.simulators import make_simulator
+    from planner.simulators import choose_simulator, make_simulator
 
     model = load_model(spec.checkpoint, dtype=spec.dtype).model
     loaded = load_planner(spec.checkpoint, model)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from planner.mcts import SearchConfig, Tree, confidence, search
-from planner.model import PlannerConfig, PlannerNet
+from engine.models.planner_net import PlannerConfig, PlannerNet
+from planner.search import SearchConfig, search
 from planner.simulators import Expansion, LatentSimulator
+from planner.tree import Tree, confidence
 
 LONG = 60.0  # a time budget that never ends a search in these tests: simulations do
 
@@ -90,7 +91,7 @@ def test_batched_evaluation_gives_the_same_trees_as_one_leaf_at_a_time():
             search([tree], sim, SearchConfig(**{**config.__dict__, "max_batch": 1}))
     for a, b in zip(together, alone):
         assert signature(a) == signature(b)
-        assert a.size() == 25
+        assert sum(1 for _ in _walk(a.root)) == 25
 
 
 def test_a_tree_is_reused_under_the_token_actually_played():
@@ -104,7 +105,7 @@ def test_a_tree_is_reused_under_the_token_actually_played():
         real = torch.randn(2, 1, 8, 4, dtype=torch.float64)
         assert tree.advance([child.token], (real,), root_value=0.25)
         assert tree.root is child and tree.root.parent is None
-        assert tree.root.visits == kept_visits and tree.size() == kept_size
+        assert tree.root.visits == kept_visits and sum(1 for _ in _walk(tree.root)) == kept_size
         assert torch.equal(tree.state(tree.root, 0), real[:, 0])
         assert tree.rows == kept_size  # the rest of the old tree's states were freed
         assert not tree.advance([999], (real,), root_value=0.0)
@@ -124,7 +125,7 @@ def _walk(node):
         yield from _walk(child)
 
 
-def test_the_planner_reuses_a_session_tree_along_the_tokens_generated_since_its_last_plan():
+def test_the_planner_reuses_a_request_tree_along_the_tokens_generated_since_its_last_plan():
     from engine.thinking import PlanJob, ThinkParams
     from planner.planner import Planner
     from planner.simulators import BackboneSimulator
@@ -138,14 +139,14 @@ def test_the_planner_reuses_a_session_tree_along_the_tokens_generated_since_its_
         logits, state = model.prefill(torch.tensor([[1, 2, 3]]))
         pending = int(logits.argmax())
         [first] = planner.run([PlanJob("s", 0, state.clone(), logits[0], [pending], params)])
-        tree, _ = planner._trees["s"]
+        tree = planner.tree("s")
         node = tree.follow([pending, first.path[1]])
         assert node is not None
         kept = node.visits
         step_logits = model.step(torch.tensor([pending]), state)  # the engine feeds the pending token...
         [second] = planner.run([PlanJob("s", 1, state.clone(), step_logits[0], [pending, first.path[1]], params)])
-        reused, _ = planner._trees["s"]
+        reused = planner.tree("s")
         assert reused is tree and tree.root is node.parent  # ...and the tree is re-rooted on the real state
         assert tree.follow([first.path[1]]).visits >= kept
         planner.forget("s")
-        assert "s" not in planner._trees
+        assert "s" not in planner

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.checkpoint import load_model, save_checkpoint, verify_checkpoint
-from planner.model import PlannerNet, load_planner
+from engine.models.planner_net import PlannerNet, load_planner
 from tests.conftest import make_model
 
 

@@ -332,7 +332,7 @@ def test_default_checkpoint_is_served_without_arguments():
     from engine.checkpoint import verify_checkpoint
     from server.cli import DEFAULT_CHECKPOINT
 
-    from planner.model import PLANNER_CONFIG_FILE
+    from engine.models.planner_net import PLANNER_CONFIG_FILE
 
     manifest = verify_checkpoint(DEFAULT_CHECKPOINT)
     record = manifest["record"]  # the pipeline's result: backbone + trained planner heads

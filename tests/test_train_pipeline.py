@@ -9,14 +9,14 @@ import httpx
 import pytest
 
 from engine.checkpoint import load_model
+from engine.models.planner_net import load_planner
 from engine.train.common import read_jsonl
-from planner.model import load_planner
 from tests.serving import ROOT, running_server
 from tests.train_helpers import tiny_pipeline_config
 
 
-def run_cli(*args, timeout=240, **kw):
-    proc = subprocess.run([sys.executable, "-m", "engine.train", *args], cwd=ROOT, capture_output=True, text=True,
+def run_cli(*args, timeout=240, module="engine.train", **kw):
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, **kw)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -42,7 +42,7 @@ def test_pipeline_then_eval_then_serve(tmp_path):
     run_cli("pipeline", "--config", str(config))  # a finished pipeline started again keeps what it made
     assert all(p.read_bytes() == before for p, before in finished.items())
 
-    run_cli("eval", "--config", str(config))
+    run_cli("--config", str(config), module="planner.evaluate")
     report = json.loads((run / "eval.json").read_text())
     tasks_report = report["heldout_tasks"]
     assert tasks_report["problems"] == 16 and 0 <= tasks_report["accuracy_off"] <= 1

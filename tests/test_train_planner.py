@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from engine.models.planner_net import PlannerNet
 from engine.train import tasks
 from engine.train.dynamics import Trajectory, collect, fidelity, layer_error, losses
 from engine.train.value import ValueConfig, calibration, rollout
-from planner.model import PlannerNet
 from tests.conftest import make_model
 
 

@@ -1,10 +1,14 @@
 """``python -m engine.train STAGE --config FILE``: the training entry point.
 
 Stages: ``data`` (prepare the text corpus), ``backbone``, ``dynamics``,
-``assemble``, ``value``, ``pipeline`` (the four in order) and ``eval``. Every
-stage reads its section of the same config file and resumes from its last
-saved state when run again. Run ``backbone`` under ``torchrun
---nproc_per_node N`` for DDP (gloo on CPU, nccl on CUDA).
+``assemble``, ``value`` and ``pipeline`` (the four in order). Every stage
+reads its section of the same config file and resumes from its last saved
+state when run again. Run ``backbone`` under ``torchrun --nproc_per_node N``
+for DDP (gloo on CPU, nccl on CUDA).
+
+The ``eval`` section of the same file is read by the planner-in-the-loop
+evaluation, ``python -m planner.evaluate --config FILE`` (``make eval``): it
+runs a planner, and the engine never depends on the planner.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-STAGES = ("backbone", "dynamics", "assemble", "value", "pipeline", "eval")
+STAGES = ("backbone", "dynamics", "assemble", "value", "pipeline")
 
 
 def run_stage(stage: str, config: Path) -> Path:
@@ -34,10 +38,6 @@ def run_stage(stage: str, config: Path) -> Path:
         from engine.train.value import ValueConfig, train
 
         return train(ValueConfig.from_file(config))
-    if stage == "eval":
-        from engine.train.evaluate import EvalConfig, run
-
-        return run(EvalConfig.from_file(config))
     raise ValueError(f"unknown stage {stage!r}")
 
 

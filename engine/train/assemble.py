@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.checkpoint import WEIGHTS, CheckpointError, load_model, save_checkpoint, sha256_file
+from engine.models.planner_net import PlannerNet
 from engine.train.common import StageConfig
 from engine.train.dynamics import PLANNER_WEIGHTS, load_planner_stage
-from planner.model import PlannerNet
 
 
 @dataclass

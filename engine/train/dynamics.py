@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 from engine.checkpoint import load_model
 from engine.models import MambaLMHeadModel
+from engine.models.planner_net import PLANNER_CONFIG_FILE, PlannerNet
 from engine.train import tasks
 from engine.train.common import Metrics, StageConfig, cosine_lr, load_train_state, save_train_state
 from engine.train.data import load_split, sample_windows
-from planner.model import PLANNER_CONFIG_FILE, PlannerNet
 
 PLANNER_WEIGHTS = "planner.safetensors"
 

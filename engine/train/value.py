@@ -33,13 +33,13 @@ from tqdm import tqdm
 
 from engine.checkpoint import MANIFEST, WEIGHTS, load_model, sha256_file
 from engine.models import MambaLMHeadModel
+from engine.models.planner_net import PlannerNet, load_planner
 from engine.tokenizer import ByteTokenizer
 from engine.train import tasks
 from engine.train.assemble import write_servable
 from engine.train.common import Metrics, StageConfig, cosine_lr, load_train_state, save_train_state
 from engine.train.data import load_split, sample_windows
 from engine.train.dynamics import collect
-from planner.model import PlannerNet, load_planner
 
 NEWLINE = ord("\n")
 

@@ -1,9 +1,11 @@
-"""The planner's network: latent dynamics, policy and value heads on Mamba SSM states.
+"""The planner's networks: latent dynamics, policy and value heads on Mamba SSM states.
 
 Everything here reads and writes the SSM state the engine keeps, in its
 layout ``(n_layer, batch, d_inner, d_state)`` (:class:`~engine.state.MambaState`),
 so a state the dynamics model predicts can be blended into a live session as
-is.
+is. It is a model over the engine's state, like the LM, so it lives beside it
+in the engine: the training stages (:mod:`engine.train`) build it from the
+engine alone, and the search (``planner/``) runs it.
 
 Design (why not one dense MLP over the whole state):
 

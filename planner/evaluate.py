@@ -1,4 +1,10 @@
-"""``eval``: held-out bits per byte and task accuracy, planner off and on, same prompts and seeds.
+"""The planner-in-the-loop evaluation: held-out bits per byte and task accuracy, planner off and on.
+
+``python -m planner.evaluate --config configs/default.json`` (``make eval``)
+reads the ``eval`` section of the training config, evaluates
+``<out_dir>/checkpoint`` and writes ``<out_dir>/eval.json``. Same prompts and
+seeds in every arm. It runs the engine with a planner, so it lives here, not
+in :mod:`engine.train` (which imports engine only).
 
 - **Bits per byte** on fixed held-out text windows, read token by token with
   the engine's decode step. With the planner on, every ``plan_every`` bytes
@@ -23,6 +29,7 @@ wall-time budget is raised so that a run is bounded by simulations only
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -39,6 +46,7 @@ import torch.nn.functional as F
 from engine.checkpoint import load_model
 from engine.injection import land
 from engine.models import MambaLMHeadModel
+from engine.models.planner_net import load_planner
 from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
 from engine.scheduler import Engine
@@ -47,10 +55,8 @@ from engine.tokenizer import ByteTokenizer
 from engine.train import tasks
 from engine.train.common import StageConfig
 from engine.train.data import load_split, sample_windows
-from planner.model import load_planner
 from planner.planner import Planner
-from planner.simulators import make_simulator
-from planner.worker import choose_simulator
+from planner.simulators import Simulator, choose_simulator, make_simulator
 
 DEFAULT_ARMS = {
     "server_defaults": {},  # what a request with "think": {} gets
@@ -187,19 +193,19 @@ def compare(off: list[bool], on: list[bool], samples: int, seed: int) -> dict[st
             "right_only_on": int(((b == 1) & (a == 0)).sum()), "right_only_off": int(((a == 1) & (b == 0)).sum())}
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t0 = time.time()
+def load_simulator(cfg: EvalConfig) -> tuple[MambaLMHeadModel, Simulator, str, dict[str, float]]:
+    """The checkpoint's model (float32), the simulator the search expands with, its kind and the "auto" timing."""
     loaded = load_model(cfg.checkpoint_dir)
     model = loaded.model.float().eval()
     planner_net = load_planner(cfg.checkpoint_dir, model)
     with torch.inference_mode():
         kind, timing = choose_simulator(cfg.simulator, model, planner_net.net, planner_net.trained)
-    simulator = make_simulator(kind, model, planner_net.net)
-    arms = {name: think_params(over) for name, over in cfg.arms.items()}
+    return model, make_simulator(kind, model, planner_net.net), kind, timing
 
-    # Held-out text.
+
+def heldout_text(cfg: EvalConfig, model: MambaLMHeadModel, simulator: Simulator,
+                 arms: dict[str, ThinkParams]) -> dict[str, Any]:
+    """Bits per byte on the held-out windows, planner off, then each arm against off."""
     val = load_split(Path(cfg.data_dir), "val")
     ids = torch.from_numpy(sample_windows(val, None, cfg.text_windows, cfg.text_prefix + cfg.text_bytes, 0.0,
                                           np.random.default_rng(cfg.seed + 2024)))
@@ -213,8 +219,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         text[name] = {"bits_per_byte_on": float(bits_on.mean()),
                       "relative_change_percent": 100 * float(bits_on.mean() / bits_off.mean() - 1),
                       "relative_change_percent_ci95": (100 * lo, 100 * hi), "injections": outcomes}
+    return text
 
-    # Held-out problems.
+
+def heldout_tasks(cfg: EvalConfig, model: MambaLMHeadModel, simulator: Simulator,
+                  arms: dict[str, ThinkParams]) -> tuple[dict[str, Any], list[tasks.Problem], list[str]]:
+    """Accuracy on held-out problems through the engine, planner off, then each arm against off.
+
+    Also the problems and the planner-off answers (the report shows a few).
+    """
     problems = tasks.problems(cfg.problems, "heldout", seed=cfg.seed + 11)
     link = InlinePlanner(Planner(simulator))
     engine = Engine(model, ByteTokenizer(), max_running=32, max_waiting=len(problems) + 1)
@@ -235,6 +248,18 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                           "answers_changed": sum(x != y for x, y in zip(answers_off, answers_on))}
     finally:
         engine.shutdown()
+    return task, problems, answers_off
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """The whole report: held-out text, then held-out problems, every arm against planner off."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    model, simulator, kind, timing = load_simulator(cfg)
+    arms = {name: think_params(over) for name, over in cfg.arms.items()}
+    text = heldout_text(cfg, model, simulator, arms)
+    task, problems, answers_off = heldout_tasks(cfg, model, simulator, arms)
     return {"checkpoint": str(cfg.checkpoint_dir), "simulator": kind, **timing,
             "arms": {name: asdict(p) for name, p in arms.items()}, "heldout_text": text, "heldout_tasks": task,
             "samples": [{"question": p.question, "answer_off": a} for p, a in zip(problems[:8], answers_off)],
@@ -256,3 +281,16 @@ def run(cfg: EvalConfig) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m planner.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True,
+                        help="pipeline JSON (reads its eval section) or a flat file of EvalConfig's fields")
+    args = parser.parse_args(argv)
+    print(f"wrote {run(EvalConfig.from_file(args.config))}")
+
+
+if __name__ == "__main__":
+    main()
