@@ -5,7 +5,8 @@ hold the GIL against the engine thread, a crash (even a segfault) takes only
 the worker down, and a hung search can be killed. It runs at a lower CPU
 priority (``nice``) with few torch threads, so decoding keeps its core.
 
-Messages over the pipe (pickled; tensors travel as numpy arrays):
+Messages over the pipe (pickled; a job's state travels as :meth:`engine.state.MambaState.to_bytes`,
+the one state serialisation, checked against the model's shape on arrival; other tensors as numpy arrays):
 
 - parent -> worker: ``("plan", [job wire dicts], [request ids to forget])``,
   ``("stop",)``;
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.state import MambaState
+from engine.state import MambaState, StateShape
 from engine.thinking import PlanJob, StateDelta
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,11 @@ class WorkerSpec:
 # Wire format ------------------------------------------------------------------
 def job_to_wire(job: PlanJob) -> dict[str, Any]:
     return {"request_id": job.request_id, "planned_at": job.planned_at, "tokens": job.tokens, "params": job.params,
-            "conv": job.state.conv.float().numpy(), "ssm": job.state.ssm.numpy(),
-            "logits": job.root_logits.float().numpy()}
+            "state": job.state.to_bytes(), "logits": job.root_logits.float().numpy()}
 
 
-def job_from_wire(wire: dict[str, Any], conv_dtype: torch.dtype) -> PlanJob:
-    state = MambaState(torch.from_numpy(wire["conv"]).to(conv_dtype), torch.from_numpy(wire["ssm"]))
+def job_from_wire(wire: dict[str, Any], shape: StateShape) -> PlanJob:
+    state = MambaState.from_bytes(wire["state"], shape)
     return PlanJob(wire["request_id"], wire["planned_at"], state, torch.from_numpy(wire["logits"]), wire["tokens"],
                    wire["params"])
 
@@ -64,7 +64,7 @@ def delta_from_wire(wire: dict[str, Any]) -> StateDelta:
 
 # The process ----------------------------------------------------------------
 def load_planner_for(spec: WorkerSpec):
-    """(Planner, info, the engine's conv-state dtype) for a worker, from the checkpoint."""
+    """(Planner, info, the model's state shape) for a worker, from the checkpoint."""
     from engine.checkpoint import load_model
     from engine.models.planner_net import load_planner
     from planner.planner import Planner
@@ -75,7 +75,7 @@ def load_planner_for(spec: WorkerSpec):
     with torch.inference_mode():
         kind, timing = choose_simulator(spec.simulator, model, loaded.net, loaded.trained)
     planner = Planner(make_simulator(kind, model, loaded.net), max_trees=spec.max_trees)
-    return planner, {"simulator": kind, "trained": loaded.trained, "pid": os.getpid(), **timing}, model.dtype
+    return planner, {"simulator": kind, "trained": loaded.trained, "pid": os.getpid(), **timing}, model.state_shape()
 
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:
@@ -85,12 +85,12 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     except OSError:
         pass
     torch.set_num_threads(max(1, spec.threads))
-    planner, info, conv_dtype = load_planner_for(spec)
+    planner, info, shape = load_planner_for(spec)
     conn.send(("ready", info))
-    serve(conn, planner, conv_dtype)
+    serve(conn, planner, shape)
 
 
-def serve(conn: Connection, planner, conv_dtype: torch.dtype) -> None:
+def serve(conn: Connection, planner, shape: StateShape) -> None:
     """Answer plan calls until told to stop or the parent goes away."""
     while True:
         try:
@@ -103,7 +103,7 @@ def serve(conn: Connection, planner, conv_dtype: torch.dtype) -> None:
         for request_id in forget:
             planner.forget(request_id)
         try:
-            deltas = planner.run([job_from_wire(w, conv_dtype) for w in jobs])
+            deltas = planner.run([job_from_wire(w, shape) for w in jobs])
             reply = ("done", [delta_to_wire(d) for d in deltas])
         except Exception as exc:  # a failing search is reported, the worker lives on
             log.warning("planner search failed: %s", traceback.format_exc())

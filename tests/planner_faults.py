@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-import torch
-
+from engine.checkpoint import load_model
 from planner.worker import serve
 
 
@@ -18,8 +17,9 @@ class _Raises:
 
 
 def raising_worker(conn, spec) -> None:
+    shape = load_model(spec.checkpoint).model.state_shape()
     conn.send(("ready", {"simulator": "raises"}))
-    serve(conn, _Raises(), torch.float32)
+    serve(conn, _Raises(), shape)
 
 
 def hanging_worker(conn, spec) -> None:
