@@ -1,6 +1,6 @@
-"""The decode batch: the sequences decoded together and their states, row ``i`` for ``seqs[i]``.
+"""Batches of sequences through the model: the decode batch, a prefill chunk, sampling per row.
 
-States live in a persistent buffer that grows to ``max_running`` rows and is
+The decode batch (:class:`DecodeBatch`) holds row ``i`` for ``seqs[i]``. States live in a persistent buffer that grows to ``max_running`` rows and is
 decoded in place (rows ``[0, n)``), so a step allocates no state. A sequence
 that leaves takes a copy of its row; the last row moves into the hole, so the
 live rows stay contiguous.
@@ -8,12 +8,14 @@ live rows stay contiguous.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from engine.models import MambaLMHeadModel
+from engine.sampling import SampleOutput, sample
 from engine.state import MambaState
 
 if TYPE_CHECKING:
@@ -72,3 +74,29 @@ class DecodeBatch:
         """Forget every sequence and the buffer (after a failed step its contents are unknown)."""
         self.seqs.clear()
         self._states = None
+
+
+def prefill_rows(model: MambaLMHeadModel, chosen: Sequence[tuple[ActiveSequence, int]]) -> Tensor:
+    """Feed the next ``n`` prompt tokens of each chosen sequence, as one right-padded batch.
+
+    Each sequence's ``state`` advances (zeros when it had none) and its
+    ``to_feed`` shrinks; returns the logits after each row's last fed token.
+    """
+    ids = torch.zeros(len(chosen), max(n for _, n in chosen), dtype=torch.long)
+    for row, (seq, n) in enumerate(chosen):
+        ids[row, :n] = torch.tensor(seq.to_feed[:n])
+    lengths = torch.tensor([n for _, n in chosen])
+    start = MambaState.gather([seq.state if seq.state is not None else model.allocate_state(1) for seq, _ in chosen])
+    logits, state = model.prefill(ids, lengths=lengths, state=start)
+    for row, (seq, n) in enumerate(chosen):
+        seq.state = state.select([row])
+        del seq.to_feed[:n]
+    return logits
+
+
+def sample_rows(seqs: Sequence[ActiveSequence], logits: Tensor, vocab: int) -> SampleOutput:
+    """One token per sequence, each row with its own sampling parameters, generator and penalty."""
+    seen = None
+    if any(s.seen is not None for s in seqs):
+        seen = torch.stack([s.seen if s.seen is not None else torch.zeros(vocab, dtype=torch.bool) for s in seqs])
+    return sample(logits, [s.req.params for s in seqs], [s.generator for s in seqs], seen=seen)

@@ -34,7 +34,7 @@ from functools import partial
 
 import torch
 
-from engine.batch import DecodeBatch
+from engine.batch import DecodeBatch, prefill_rows, sample_rows
 from engine.deliberation import Deliberation
 from engine.injection import DEFAULT_MAX_NORM
 from engine.models import MambaLMHeadModel
@@ -49,9 +49,8 @@ from engine.requests import (
     RequestHandle,
 )
 from engine.runtime import keep_freed_memory, share_the_gil_quickly
-from engine.sampling import SampleOutput, sample
 from engine.sequence import ActiveSequence, Phase
-from engine.sessions import PrefixCache, SessionStore
+from engine.sessions import PrefixCache, SessionStore, start_state
 from engine.state import MambaState
 from engine.thinking import PlanDropped, PlannerLink, StateDelta
 from engine.tokenizer import Tokenizer
@@ -271,26 +270,12 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and self.num_running < self.max_running:
             seq = self._waiting.popleft()
-            seq.admit(*self._start_of(seq), vocab=self.vocab)
+            seq.admit(*start_state(seq.req.prompt_ids, seq.req.prefix_boundaries, seq.session, self.prefix_cache),
+                      vocab=self.vocab)
             seq.phase = Phase.PREFILLING
             self._prefilling.append(seq)
             if seq.plans is not None:
                 self._deliberation.begin(seq)
-
-    def _start_of(self, seq: ActiveSequence) -> tuple[MambaState | None, int, list[int]]:
-        """(start state, tokens already in it, tokens to prefill) for a sequence being admitted."""
-        req, session = seq.req, seq.session
-        if session is not None:
-            start = session.state.clone() if session.state is not None else None
-            return start, session.n_tokens - len(session.pending), list(session.pending) + list(req.prompt_ids)
-        if req.prefix_boundaries:
-            # A state is only useful with tokens left to feed: the next logits come from feeding them.
-            usable = [b for b in req.prefix_boundaries if b < len(req.prompt_ids)]
-            entry = self.prefix_cache.longest(req.prompt_ids, usable)
-            if entry is not None:
-                return (entry.state, entry.n_tokens - len(entry.pending),
-                        entry.pending + list(req.prompt_ids[entry.n_tokens :]))
-        return None, 0, list(req.prompt_ids)
 
     # Prefill --------------------------------------------------------------
     def _prefill_some(self) -> int:
@@ -305,27 +290,15 @@ class Engine:
             budget -= n
         if not chosen:
             return 0
-        ids = torch.zeros(len(chosen), max(n for _, n in chosen), dtype=torch.long)
-        for row, (seq, n) in enumerate(chosen):
-            ids[row, :n] = torch.tensor(seq.to_feed[:n])
-        lengths = torch.tensor([n for _, n in chosen])
-        start = MambaState.gather(
-            [seq.state if seq.state is not None else self.model.allocate_state(1) for seq, _ in chosen]
-        )
-        logits, state = self.model.prefill(ids, lengths=lengths, state=start)
-        done_rows = []
-        for row, (seq, n) in enumerate(chosen):
-            seq.state = state.select([row])
-            del seq.to_feed[:n]
-            if not seq.to_feed:
-                done_rows.append(row)
+        logits = prefill_rows(self.model, chosen)
+        done_rows = [row for row, (seq, _) in enumerate(chosen) if not seq.to_feed]
         if done_rows:
             self._first_tokens([chosen[r][0] for r in done_rows], logits[done_rows])
-        return int(lengths.sum())
+        return sum(n for _, n in chosen)
 
     def _first_tokens(self, seqs: list[ActiveSequence], logits: torch.Tensor) -> None:
         """Sequences whose prompt is all in: sample their first token, move them to the decode batch."""
-        self._accept_all(seqs, self._sample(seqs, logits))
+        self._sample_and_accept(seqs, logits)
         for seq, row_logits in zip(seqs, logits):
             state = self._detach(seq)
             if seq.finished is not None:
@@ -348,7 +321,7 @@ class Engine:
         seqs = list(self._batch)
         tokens = torch.tensor([s.generated[-1] for s in seqs])
         logits = self.model.step(tokens, self._batch.live())
-        self._accept_all(seqs, self._sample(seqs, logits))
+        self._sample_and_accept(seqs, logits)
         if self._deliberation.active:
             for row, seq in enumerate(seqs):
                 if seq.plans is not None and seq.finished is None:
@@ -378,15 +351,9 @@ class Engine:
             self._deliberation.wait_for_results(timeout=0.005)  # nothing else to do: sleep until a plan answers
 
     # Sampling and token bookkeeping ---------------------------------------
-    def _sample(self, seqs: Sequence[ActiveSequence], logits: torch.Tensor) -> SampleOutput:
-        seen = None
-        if any(s.seen is not None for s in seqs):
-            seen = torch.stack([s.seen if s.seen is not None else torch.zeros(self.vocab, dtype=torch.bool)
-                                for s in seqs])
-        return sample(logits, [s.req.params for s in seqs], [s.generator for s in seqs], seen=seen)
-
-    def _accept_all(self, seqs: Sequence[ActiveSequence], out: SampleOutput) -> None:
-        """Book one sampled token per sequence (tensors converted to Python once per step)."""
+    def _sample_and_accept(self, seqs: Sequence[ActiveSequence], logits: torch.Tensor) -> None:
+        """Sample one token per sequence from its row of ``logits`` and book it (Python lists once per step)."""
+        out = sample_rows(seqs, logits, self.vocab)
         tokens, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None

@@ -242,3 +242,23 @@ class PrefixCache:
                     self.hits += 1
                     return PrefixEntry(entry.state.clone(), list(entry.pending), entry.n_tokens)
             return None
+
+
+def start_state(prompt_ids: Sequence[int], prefix_boundaries: Sequence[int], session: Session | None,
+                prefix_cache: PrefixCache) -> tuple[MambaState | None, int, list[int]]:
+    """Where a request starts: (state, tokens already in it, tokens to prefill).
+
+    A session continues from its own state (a copy: the stored one stays
+    intact until the request ends); a chat request without a session from the
+    longest cached prefix of its prompt; anything else from zeros (None).
+    """
+    if session is not None:
+        start = session.state.clone() if session.state is not None else None
+        return start, session.n_tokens - len(session.pending), list(session.pending) + list(prompt_ids)
+    if prefix_boundaries:
+        # A state is only useful with tokens left to feed: the next logits come from feeding them.
+        usable = [b for b in prefix_boundaries if b < len(prompt_ids)]
+        entry = prefix_cache.longest(prompt_ids, usable)
+        if entry is not None:
+            return entry.state, entry.n_tokens - len(entry.pending), entry.pending + list(prompt_ids[entry.n_tokens :])
+    return None, 0, list(prompt_ids)
