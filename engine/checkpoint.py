@@ -105,21 +105,7 @@ def save_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        tensors = model_tensors(model)
-        for name, tensor in (extra_tensors or {}).items():
-            if name in tensors:
-                raise CheckpointError(f"extra tensor {name!r} collides with a model tensor")
-            tensors[name] = tensor.detach().contiguous().cpu()
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT_NAME})
-        config = {**model.config.to_dict(), "crsm_format_version": FORMAT_VERSION}
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for name, content in (extra_files or {}).items():
-            if "/" in name or name in (MANIFEST, CONFIG, WEIGHTS):
-                raise CheckpointError(f"invalid extra file name {name!r}")
-            if isinstance(content, bytes):
-                (tmp / name).write_bytes(content)
-            else:
-                shutil.copyfile(content, tmp / name)
+        _write_contents(tmp, model, extra_tensors or {}, extra_files or {})
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
             with open(tmp / name, "rb") as fh:
@@ -138,19 +124,44 @@ def save_checkpoint(
             fh.flush()
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            old.rmdir()
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-        _fsync_dir(target.parent)
+        _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _write_contents(folder: Path, model: MambaLMHeadModel, extra_tensors: Mapping[str, Tensor],
+                    extra_files: Mapping[str, bytes | str | Path]) -> None:
+    """Weights (model + extra tensors in one safetensors file), config and extra files, unhashed."""
+    tensors = model_tensors(model)
+    for name, tensor in extra_tensors.items():
+        if name in tensors:
+            raise CheckpointError(f"extra tensor {name!r} collides with a model tensor")
+        tensors[name] = tensor.detach().contiguous().cpu()
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": FORMAT_NAME})
+    config = {**model.config.to_dict(), "crsm_format_version": FORMAT_VERSION}
+    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for name, content in extra_files.items():
+        if "/" in name or name in (MANIFEST, CONFIG, WEIGHTS):
+            raise CheckpointError(f"invalid extra file name {name!r}")
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        else:
+            shutil.copyfile(content, folder / name)
+
+
+def _replace_dir(complete: Path, target: Path) -> None:
+    """Rename ``complete`` to ``target``; an existing ``target`` is replaced only once the new one is in place."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old.rmdir()
+        target.rename(old)
+        complete.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        complete.rename(target)
+    _fsync_dir(target.parent)
 
 
 # Verifying and loading our format ----------------------------------------

@@ -60,7 +60,6 @@ def render(prometheus: str, start: float, end: float, out: Path, dashboard: Path
     matplotlib.use("Agg")
     from datetime import datetime
 
-    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     spec = json.loads(dashboard.read_text())
@@ -89,43 +88,51 @@ def render(prometheus: str, start: float, end: float, out: Path, dashboard: Path
             fig.text(0.005, 1 - top - (g["y"] + 0.8) * ROW_HEIGHT_IN / height, p["title"], color="#d8d9da",
                      fontsize=12, fontweight="bold")
             continue
-        ax = fig.add_axes(box(g))
-        ax.set_facecolor("#181b1f")
-        for spine in ax.spines.values():
-            spine.set_color("#2c3235")
-        ax.tick_params(colors="#9fa7b3", labelsize=8)
-        ax.set_title(p["title"], color="#d8d9da", fontsize=10, loc="left")
-        defaults = p.get("fieldConfig", {}).get("defaults", {})
-        unit = defaults.get("unit", "short")
-        lines: list[tuple[str, list, list[float]]] = []
-        for t in p["targets"]:
-            for series in query_range(prometheus, substitute(t["expr"], rate_interval), start, end, step):
-                xs = [datetime.fromtimestamp(float(ts)) for ts, _ in series["values"]]
-                ys = [float(v) for _, v in series["values"]]
-                lines.append((_legend(t.get("legendFormat", ""), series["metric"]), xs, ys))
-        finite = [abs(y) for _, _, ys in lines for y in ys if math.isfinite(y)]
-        factor, label = _scale(unit, max(finite, default=0.0))
-        for name, xs, ys in lines:
-            ax.plot(xs, [y * factor for y in ys], linewidth=1.2, label=name)
-        for st in defaults.get("thresholds", {}).get("steps", []):
-            if st.get("value") is not None and defaults.get("custom", {}).get("thresholdsStyle", {}).get("mode") == "line":
-                ax.axhline(st["value"] * factor, color="#f2495c", linestyle="--", linewidth=1)
-        drawn[p["title"]] = len(lines)
-        if not lines:
-            ax.text(0.5, 0.5, "No data", color="#9fa7b3", ha="center", va="center", transform=ax.transAxes)
-        ax.set_ylabel(label, color="#9fa7b3", fontsize=8)
-        ax.set_ylim(bottom=0)
-        ax.set_xlim(datetime.fromtimestamp(start), datetime.fromtimestamp(end))
-        ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=8))
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
-        ax.grid(color="#2c3235", linewidth=0.5)
-        if lines:
-            ax.legend(fontsize=7, loc="upper left", ncol=min(4, len(lines)), facecolor="#181b1f",
-                      edgecolor="#2c3235", labelcolor="#d8d9da", framealpha=0.8)
+        drawn[p["title"]] = _draw_panel(fig.add_axes(box(g)), p, prometheus, start, end, step, rate_interval)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, facecolor=fig.get_facecolor())
     plt.close(fig)
     return drawn
+
+
+def _draw_panel(ax, p: dict, prometheus: str, start: float, end: float, step: float, rate_interval: str) -> int:
+    """Draw one dashboard panel's queries into ``ax``; returns the number of series drawn."""
+    from datetime import datetime
+
+    import matplotlib.dates as mdates
+
+    ax.set_facecolor("#181b1f")
+    for spine in ax.spines.values():
+        spine.set_color("#2c3235")
+    ax.tick_params(colors="#9fa7b3", labelsize=8)
+    ax.set_title(p["title"], color="#d8d9da", fontsize=10, loc="left")
+    defaults = p.get("fieldConfig", {}).get("defaults", {})
+    unit = defaults.get("unit", "short")
+    lines: list[tuple[str, list, list[float]]] = []
+    for t in p["targets"]:
+        for series in query_range(prometheus, substitute(t["expr"], rate_interval), start, end, step):
+            xs = [datetime.fromtimestamp(float(ts)) for ts, _ in series["values"]]
+            ys = [float(v) for _, v in series["values"]]
+            lines.append((_legend(t.get("legendFormat", ""), series["metric"]), xs, ys))
+    finite = [abs(y) for _, _, ys in lines for y in ys if math.isfinite(y)]
+    factor, label = _scale(unit, max(finite, default=0.0))
+    for name, xs, ys in lines:
+        ax.plot(xs, [y * factor for y in ys], linewidth=1.2, label=name)
+    for st in defaults.get("thresholds", {}).get("steps", []):
+        if st.get("value") is not None and defaults.get("custom", {}).get("thresholdsStyle", {}).get("mode") == "line":
+            ax.axhline(st["value"] * factor, color="#f2495c", linestyle="--", linewidth=1)
+    if not lines:
+        ax.text(0.5, 0.5, "No data", color="#9fa7b3", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel(label, color="#9fa7b3", fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(datetime.fromtimestamp(start), datetime.fromtimestamp(end))
+    ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=8))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
+    ax.grid(color="#2c3235", linewidth=0.5)
+    if lines:
+        ax.legend(fontsize=7, loc="upper left", ncol=min(4, len(lines)), facecolor="#181b1f",
+                  edgecolor="#2c3235", labelcolor="#d8d9da", framealpha=0.8)
+    return len(lines)
 
 
 def live(out: Path, phases: tuple[int, ...], phase_seconds: float, checkpoint: str | None, pause: float = 0.0,
@@ -176,3 +183,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+

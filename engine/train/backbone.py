@@ -120,6 +120,15 @@ def train(cfg: BackboneConfig) -> Path:
         teardown_distributed()
 
 
+def _update(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> float:
+    """One optimiser step on ``loss`` with clipped gradients; returns the gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return float(norm)
+
+
 def _train(cfg: BackboneConfig, d: Dist) -> Path:
     if cfg.batch_size % d.world:
         raise ValueError(f"batch_size {cfg.batch_size} does not split over {d.world} processes")
@@ -151,15 +160,11 @@ def _train(cfg: BackboneConfig, d: Dist) -> Path:
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits, _ = ddp(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        norm = _update(model, opt, loss, cfg.grad_clip)
         mean_loss = all_mean(loss.item(), d)
         record = {"step": step + 1, "loss": mean_loss, "train_bpb": mean_loss / math.log(2),
-                  "lr": opt.param_groups[0]["lr"], "grad_norm": float(norm), "elapsed_s": time.time() - t0}
-        last = step + 1 == cfg.steps
-        if d.main and ((step + 1) % cfg.eval_every == 0 or last):
+                  "lr": opt.param_groups[0]["lr"], "grad_norm": norm, "elapsed_s": time.time() - t0}
+        if d.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             bpb = bits_per_byte(model, val_text, cfg.seq_len, cfg.eval_batches, cfg.batch_size, d.device)
             record["val_bpb"] = bpb
         metrics.write(record)
