@@ -1,9 +1,16 @@
-"""CRSM serve engine: the Mamba model, its recurrent state, tokenizer, sampling and checkpoints.
+"""CRSM serve engine: the Mamba model, its recurrent state, and the loop that serves it.
 
-It also holds the planner's networks (:mod:`engine.models.planner_net`:
-latent dynamics, policy and value heads over the engine's state) and the
-stages that train them (:mod:`engine.train`); the search itself is in
-``planner/``. Nothing here depends on ``server`` or ``planner``.
+The model (:mod:`engine.models`, built from :mod:`engine.modules` and
+:mod:`engine.ops`), its state (:mod:`engine.state`), tokenizers, sampling and
+checkpoints; the serving loop (:mod:`engine.scheduler`, one thread doing
+continuous batching) with its public request types (:mod:`engine.requests`),
+the sequences in flight (:mod:`engine.sequence`), the decode batch
+(:mod:`engine.batch`), the session store and prefix cache
+(:mod:`engine.sessions`), and the planner's side of the loop: plans out,
+deltas in (:mod:`engine.thinking`, :mod:`engine.deliberation`,
+:mod:`engine.injection`). It also holds the planner's networks
+(:mod:`engine.models.planner_net`) and the stages that train the checkpoints
+(:mod:`engine.train`). Nothing here imports ``server`` or ``planner``.
 """
 
 from engine.config import ConfigError, MambaConfig

@@ -118,6 +118,12 @@ def query(url: str, expr: str, at: float | None = None) -> list[dict]:
     return body["data"]["result"]
 
 
+def rule_evaluations(url: str) -> dict[str, str]:
+    """The time of the last evaluation of each rule group (RFC 3339 strings, as Prometheus reports them)."""
+    body = httpx.get(url + "/api/v1/rules", timeout=10.0).json()
+    return {g["name"]: g.get("lastEvaluation", "") for g in body["data"]["groups"]}
+
+
 def query_range(url: str, expr: str, start: float, end: float, step: float) -> list[dict]:
     body = httpx.get(url + "/api/v1/query_range", params={"query": expr, "start": f"{start:.3f}",
                                                           "end": f"{end:.3f}", "step": f"{step:g}"},

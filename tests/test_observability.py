@@ -19,7 +19,8 @@ import pytest
 
 from loadtest.mixed import run_mixed
 from loadtest.prometheus import (PROMETHEUS_NAMES, dashboard_targets, local_prometheus, metric_names,
-                                 prometheus_binary, query, recording_rule_names, rule_exprs, substitute)
+                                 prometheus_binary, query, recording_rule_names, rule_evaluations, rule_exprs,
+                                 substitute)
 from tests.serving import free_port, metric_value, running_server
 
 
@@ -72,7 +73,11 @@ def prometheus(server, tmp_path_factory):
                 break
             assert time.monotonic() < deadline, f"Prometheus did not scrape the load: {scraped}"
             time.sleep(0.5)
-        time.sleep(2)  # two more evaluations of the recording rules
+        for _ in range(2):  # two more evaluations of every rule group, so the rules have seen the load
+            seen = rule_evaluations(prom)
+            while any(rule_evaluations(prom).get(group) == when for group, when in seen.items()):
+                assert time.monotonic() < deadline, "Prometheus did not evaluate the rules"
+                time.sleep(0.2)
         yield prom
 
 
