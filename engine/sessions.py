@@ -5,7 +5,8 @@ tokens sampled but not yet fed (the last generated token is only fed when
 the conversation continues), its token count and its owner. Continuing it
 costs only the new tokens, however long the history.
 
-The store is bounded by a byte budget and a TTL, evicts the least recently
+The store is bounded by a byte budget (states and metadata; a session's
+metadata also has a cap of its own) and a TTL, evicts the least recently
 used idle session first, and leases a session to one request at a time: a
 second request gets :class:`SessionBusy` instead of racing on the state.
 Thread-safe: the HTTP layer leases, the engine thread writes back.
@@ -14,6 +15,7 @@ Thread-safe: the HTTP layer leases, the engine thread writes back.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import threading
 import time
@@ -36,6 +38,14 @@ class SessionTooLarge(RuntimeError):
     pass
 
 
+DEFAULT_MAX_METADATA_BYTES = 16 << 10
+
+
+def metadata_nbytes(metadata: dict) -> int:
+    """What a session's metadata costs in the budget: its size as JSON (none for no metadata)."""
+    return len(json.dumps(metadata, separators=(",", ":"))) if metadata else 0
+
+
 @dataclass
 class Session:
     id: str
@@ -49,8 +59,13 @@ class Session:
     metadata: dict = field(default_factory=dict)
 
     @property
-    def nbytes(self) -> int:
+    def state_nbytes(self) -> int:
         return 0 if self.state is None else self.state.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """What the session holds against the store's budget: its state and its metadata."""
+        return self.state_nbytes + metadata_nbytes(self.metadata)
 
     def describe(self) -> dict:
         return {
@@ -58,15 +73,17 @@ class Session:
             "object": "session",
             "created": int(self.created),
             "tokens": self.n_tokens,
-            "state_bytes": self.nbytes,
+            "state_bytes": self.state_nbytes,
             "busy": self.busy,
             "metadata": self.metadata,
         }
 
 
 class SessionStore:
-    def __init__(self, max_bytes: int = 1 << 30, ttl_seconds: float = 3600.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_bytes: int = 1 << 30, ttl_seconds: float = 3600.0, clock: Callable[[], float] = time.monotonic,
+                 max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES):
         self.max_bytes = max_bytes
+        self.max_metadata_bytes = max_metadata_bytes
         self.ttl = ttl_seconds
         self._clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()
@@ -106,9 +123,17 @@ class SessionStore:
         return session
 
     def create(self, owner: str | None, metadata: dict | None = None) -> Session:
+        """A new empty session; :class:`SessionTooLarge` when its metadata is over the cap (nothing is created)."""
+        metadata = dict(metadata or {})
+        size = metadata_nbytes(metadata)
+        if size > min(self.max_metadata_bytes, self.max_bytes):
+            raise SessionTooLarge(f"session metadata is {size} bytes as JSON; the limit is "
+                                  f"{min(self.max_metadata_bytes, self.max_bytes)} bytes")
         with self._lock:
             self._expire_locked()
-            return self._add_locked(owner, None, [], 0, dict(metadata or {}))
+            session = self._add_locked(owner, None, [], 0, metadata)
+            self._evict_locked(keep=session.id)
+            return session
 
     def delete(self, session_id: str, owner: str | None) -> None:
         with self._lock:
@@ -161,9 +186,17 @@ class SessionStore:
             self.evictions += 1
 
     def _evict_locked(self, keep: str) -> None:
+        """Evict idle sessions, least recently used first, until the budget holds ``keep``.
+
+        A session that alone exceeds the budget cannot be kept: it is removed and
+        :class:`SessionTooLarge` raised (a new one is then never created).
+        """
         total = sum(s.nbytes for s in self._sessions.values())
-        if self._sessions.get(keep) is not None and self._sessions[keep].nbytes > self.max_bytes:
-            raise SessionTooLarge(f"one session state ({self._sessions[keep].nbytes} bytes) exceeds the budget")
+        kept = self._sessions.get(keep)
+        if kept is not None and kept.nbytes > self.max_bytes:
+            del self._sessions[keep]
+            raise SessionTooLarge(f"one session ({kept.nbytes} bytes) exceeds the store's budget of "
+                                  f"{self.max_bytes} bytes")
         for sid in list(self._sessions):
             if total <= self.max_bytes:
                 break

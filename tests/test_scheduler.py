@@ -182,6 +182,17 @@ def test_session_store_bounds():
         tiny.release(s, state=one.clone(), pending=[], n_tokens=1)
 
 
+def test_session_metadata_counts_in_the_budget_and_has_a_cap():
+    store = SessionStore(max_bytes=10_000, max_metadata_bytes=1_000)
+    with pytest.raises(SessionTooLarge, match="limit is 1000 bytes"):
+        store.create(None, metadata={"k": "x" * 1_000})
+    assert len(store) == 0  # nothing was created
+    for i in range(40):  # ~500 bytes each: the budget holds about 20
+        store.create(None, metadata={"k": "x" * 490, "i": str(i)})
+    assert store.nbytes <= 10_000 and 15 <= len(store) <= 20 and store.evictions >= 20
+    assert store.create(None).describe()["state_bytes"] == 0
+
+
 # Lease ownership and final events --------------------------------------------------------
 def test_the_engine_holds_a_session_lease_for_exactly_the_life_of_its_request(model):
     async def go(engine):
