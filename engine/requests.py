@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -36,6 +37,14 @@ class EngineDead(RequestRejected):
 
 class EmptyPrompt(RequestRejected, ValueError):
     """Nothing to feed: no prompt tokens and no pending session tokens."""
+
+
+class InvalidRequest(RequestRejected, ValueError):
+    """A field is outside what the model can take; ``param`` names it (as the HTTP API spells it)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthExceeded(RequestRejected, ValueError):
@@ -93,6 +102,34 @@ class FinishEvent:
 
 
 Event = TokenEvent | ThoughtEvent | FinishEvent
+
+INT64_MAX = 2**63 - 1
+
+
+def check_request(request: GenerationRequest, vocab: int, max_context: int) -> None:
+    """Refuse (:class:`InvalidRequest`) what torch could not take, before it reaches torch.
+
+    One request's bad value must fail that request at submission, never the
+    batch it would have joined.
+    """
+    bad = [t for t in request.prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+    if bad:
+        raise InvalidRequest(f"token ids must be in [0, {vocab}); got {bad[:5]}", "prompt")
+    if any(not (isinstance(t, int) and 0 <= t < vocab) for t in request.stop_token_ids):
+        raise InvalidRequest(f"stop token ids must be in [0, {vocab})", "stop_token_ids")
+    if not 1 <= request.max_tokens <= max_context:
+        raise InvalidRequest(f"max_tokens must be in [1, {max_context}] (the context limit)", "max_tokens")
+    p = request.params
+    for name, value in (("temperature", p.temperature), ("top_p", p.top_p),
+                        ("repetition_penalty", p.repetition_penalty)):
+        if not math.isfinite(value):
+            raise InvalidRequest(f"{name} must be a finite number", name)
+    if not 0 <= p.top_k <= vocab:
+        raise InvalidRequest(f"top_k must be in [0, {vocab}] (the vocabulary size; 0: no limit)", "top_k")
+    if p.seed is not None and not 0 <= p.seed <= INT64_MAX:
+        raise InvalidRequest(f"seed must be in [0, {INT64_MAX}]", "seed")
+    if p.logprobs is not None and not 0 <= p.logprobs <= vocab:
+        raise InvalidRequest(f"logprobs must be in [0, {vocab}]", "logprobs")
 
 
 class EngineObserver:

@@ -47,6 +47,7 @@ from engine.requests import (
     GenerationRequest,
     Outbox,
     RequestHandle,
+    check_request,
 )
 from engine.runtime import keep_freed_memory, share_the_gil_quickly
 from engine.sequence import ActiveSequence, Phase
@@ -154,11 +155,12 @@ class Engine:
         """Queue a request; from here on it ends with exactly one FinishEvent and its session's lease back.
 
         Raises before queuing (holding no lease): :class:`~engine.sessions.SessionNotFound` /
-        :class:`~engine.sessions.SessionBusy` for ``session_id``, :class:`EmptyPrompt`,
+        :class:`~engine.sessions.SessionBusy` for ``session_id``, :class:`InvalidRequest`, :class:`EmptyPrompt`,
         :class:`ContextLengthExceeded`, :class:`EngineOverloaded` past ``max_waiting``, :class:`EngineDead`.
         """
         if not self.alive:
             raise EngineDead("the engine thread is not running")
+        check_request(request, self.vocab, self.max_context)
         session = self.sessions.lease(request.session_id, request.owner) if request.session_id is not None else None
         try:
             history = session.n_tokens if session is not None else 0
@@ -290,11 +292,28 @@ class Engine:
             budget -= n
         if not chosen:
             return 0
-        logits = prefill_rows(self.model, chosen)
-        done_rows = [row for row, (seq, _) in enumerate(chosen) if not seq.to_feed]
-        if done_rows:
-            self._first_tokens([chosen[r][0] for r in done_rows], logits[done_rows])
+        done = self._prefill(chosen)
+        if done:
+            self._first_tokens([seq for seq, _ in done], torch.stack([logits for _, logits in done]))
         return sum(n for _, n in chosen)
+
+    def _prefill(self, chosen: list[tuple[ActiveSequence, int]]) -> list[tuple[ActiveSequence, torch.Tensor]]:
+        """One prefill chunk; (sequence, logits) of those whose prompt is all in.
+
+        Rows are independent here (each from its own start state, nothing
+        written before the forward succeeds), so when the batch fails each row
+        runs alone and only a row that fails alone ends, with an error.
+        """
+        try:
+            logits = prefill_rows(self.model, chosen)
+        except Exception as exc:
+            if len(chosen) > 1:
+                return [done for one in chosen for done in self._prefill([one])]
+            seq = chosen[0][0]
+            self._fail_row(seq, "prefill", exc)
+            self._retire(seq, self._detach(seq))
+            return []
+        return [(seq, logits[row]) for row, (seq, _) in enumerate(chosen) if not seq.to_feed]
 
     def _first_tokens(self, seqs: list[ActiveSequence], logits: torch.Tensor) -> None:
         """Sequences whose prompt is all in: sample their first token, move them to the decode batch."""
@@ -320,7 +339,13 @@ class Engine:
                 return
         seqs = list(self._batch)
         tokens = torch.tensor([s.generated[-1] for s in seqs])
-        logits = self.model.step(tokens, self._batch.live())
+        try:
+            logits = self.model.step(tokens, self._batch.live())
+        except Exception as exc:  # the shared forward: no row to blame, and the rows' states are half-written
+            for seq in seqs:
+                self._fail_row(seq, "decode step", exc)
+                self._retire(seq, self._detach(seq))
+            return
         self._sample_and_accept(seqs, logits)
         if self._deliberation.active:
             for row, seq in enumerate(seqs):
@@ -352,8 +377,20 @@ class Engine:
 
     # Sampling and token bookkeeping ---------------------------------------
     def _sample_and_accept(self, seqs: Sequence[ActiveSequence], logits: torch.Tensor) -> None:
-        """Sample one token per sequence from its row of ``logits`` and book it (Python lists once per step)."""
-        out = sample_rows(seqs, logits, self.vocab)
+        """Sample one token per sequence from its row of ``logits`` and book it (Python lists once per step).
+
+        Sampling has no side effects on the rows, so when the batch fails each
+        row is sampled alone and only a row that fails alone ends, with an error.
+        """
+        try:
+            out = sample_rows(seqs, logits, self.vocab)
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._fail_row(seqs[0], "sampling", exc)
+            else:
+                for i, seq in enumerate(seqs):
+                    self._sample_and_accept([seq], logits[i : i + 1])
+            return
         tokens, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
@@ -361,13 +398,27 @@ class Engine:
         for row, seq in enumerate(seqs):
             k = seq.req.params.logprobs
             top = list(zip(top_ids[row][:k], top_lps[row][:k])) if top_ids is not None and k else None
-            event = seq.accept(tokens[row], logprobs[row], top, now, self.eos_id, self.max_context)
+            try:
+                event = seq.accept(tokens[row], logprobs[row], top, now, self.eos_id, self.max_context)
+            except Exception as exc:
+                self._fail_row(seq, "accepting a token", exc)
+                continue
             self._outbox.emit(seq.handle, event)
 
     # Endings ----------------------------------------------------------------
+    def _fail_row(self, seq: ActiveSequence, what: str, exc: Exception) -> None:
+        """End one sequence with an error (the caller retires it); the others are untouched."""
+        log.warning("request %s: %s failed: %s: %s", seq.handle.id, what, type(exc).__name__, exc)
+        seq.finish("error", flush=False, error=f"{what} failed: {type(exc).__name__}: {exc}")
+
     def _retire(self, seq: ActiveSequence, state: MambaState | None) -> None:
-        """The one way out: the lease goes back (with ``state`` when given), then the final event goes out."""
+        """The one way out: the lease goes back, then the final event goes out.
+
+        The session (or prefix cache) takes ``state`` unless the request failed:
+        a failed request leaves its session as it was before it.
+        """
         req, finish = seq.req, seq.finished
+        state = None if finish.reason == "error" else state
         seq.phase = Phase.DONE
         try:
             if seq.plans is not None:

@@ -27,6 +27,7 @@ from engine.requests import (
     EngineOverloaded,
     FinishEvent,
     GenerationRequest,
+    InvalidRequest,
     TokenEvent,
 )
 from engine.sampling import SamplingParams
@@ -180,6 +181,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
         )
         try:
             handle = _session_or_404(lambda: engine.submit(request), body.session_id)
+        except InvalidRequest as exc:
+            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
         except EmptyPrompt:
             raise APIError(400, "the prompt is empty", param="prompt") from None
         except ContextLengthExceeded as exc:

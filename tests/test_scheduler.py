@@ -93,8 +93,8 @@ def test_long_prompt_does_not_freeze_running_streams(model):
 
 def test_overload_raises_and_cancel_leaves_within_a_step(model):
     async def go(engine):
-        a = engine.submit(GenerationRequest(prompt_ids=[1], max_tokens=100000, ignore_eos=True))
-        b = engine.submit(GenerationRequest(prompt_ids=[2], max_tokens=100000, ignore_eos=True))
+        a = engine.submit(GenerationRequest(prompt_ids=[1], max_tokens=30000, ignore_eos=True))
+        b = engine.submit(GenerationRequest(prompt_ids=[2], max_tokens=30000, ignore_eos=True))
         with pytest.raises(EngineOverloaded):
             engine.submit(GenerationRequest(prompt_ids=[3], max_tokens=1))
         await a.next_event()
@@ -197,7 +197,7 @@ def test_session_metadata_counts_in_the_budget_and_has_a_cap():
 def test_the_engine_holds_a_session_lease_for_exactly_the_life_of_its_request(model):
     async def go(engine):
         s = engine.sessions.create(None)
-        handle = engine.submit(GenerationRequest(prompt_ids=[1, 2], max_tokens=100000, ignore_eos=True,
+        handle = engine.submit(GenerationRequest(prompt_ids=[1, 2], max_tokens=30000, ignore_eos=True,
                                                  session_id=s.id))
         await handle.next_event()
         busy_while_running = s.busy
@@ -213,7 +213,7 @@ def test_the_engine_holds_a_session_lease_for_exactly_the_life_of_its_request(mo
             engine.submit(GenerationRequest(prompt_ids=[], session_id=engine.sessions.create(None).id))
         return s, busy_while_running, fin
 
-    s, busy_while_running, fin = with_engine(model, go, max_context=64)
+    s, busy_while_running, fin = with_engine(model, go)
     assert busy_while_running and fin.reason == "cancelled"
     assert not s.busy and s.n_tokens >= 3  # written back: the prompt and what was generated before the cancel
 
@@ -263,7 +263,7 @@ def test_shutdown_ends_requests_in_flight_with_a_final_event(model):
         engine.start()
         await asyncio.to_thread(engine.wait_ready, 60)
         s = engine.sessions.create(None)
-        handle = engine.submit(GenerationRequest(prompt_ids=[1], max_tokens=100000, ignore_eos=True, session_id=s.id))
+        handle = engine.submit(GenerationRequest(prompt_ids=[1], max_tokens=30000, ignore_eos=True, session_id=s.id))
         await handle.next_event()
         await asyncio.to_thread(engine.shutdown)
         rest = [e async for e in handle.events()]
