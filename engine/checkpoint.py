@@ -8,10 +8,13 @@ A checkpoint is a directory with
   what produced the checkpoint and its training record;
 - optionally ``tokenizer.json`` and other files listed in the manifest.
 
-Loading checks every listed file's size and hash before reading it, and
-never unpickles anything. :func:`load_model` also reads mamba-ssm folders
+Loading verifies the folder as a whole before reading anything: every file
+in it must be listed in the manifest with its size and hash (an unlisted
+file, a pickle beside the weights say, is refused by name), and nothing is
+ever unpickled. :func:`load_model` also reads mamba-ssm folders
 (``config.json`` + ``pytorch_model.bin`` via ``weights_only=True``, or
-safetensors) and Hugging Face ``MambaForCausalLM`` folders.
+safetensors) and Hugging Face ``MambaForCausalLM`` folders; those carry no
+hashes, so they load as *unverified* (logged, and reported by the server).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -44,6 +48,9 @@ FP32_PARAMS = ("A_log", "D")  # kept in float32 whatever the model dtype, as in 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+log = logging.getLogger(__name__)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged or of an unknown kind; the message names the file."""
 
@@ -54,6 +61,11 @@ class LoadedModel:
     tokenizer: Tokenizer
     source_format: str  # "crsm", "mamba_ssm" or "hf"
     manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verified(self) -> bool:
+        """Whether every file was checked against a manifest (ours); foreign folders have none."""
+        return self.source_format == "crsm"
 
 
 # Hashing ------------------------------------------------------------------
@@ -183,13 +195,21 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
-    """Check every file the manifest lists (size, then sha256); return the manifest."""
+    """Check the folder as a whole: every file in it is listed, every listed file has its size and sha256.
+
+    Returns the manifest. Hidden entries (names starting with a dot) are ignored: the loader never reads them.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
     files = manifest.get("files") or {}
     for required in (CONFIG, WEIGHTS):
         if required not in files:
             raise CheckpointError(f"{directory / MANIFEST}: does not list {required}")
+    unlisted = sorted(p.name for p in directory.iterdir()
+                      if p.name != MANIFEST and not p.name.startswith(".") and p.name not in files)
+    if unlisted:
+        raise CheckpointError(f"{directory / unlisted[0]}: not listed in {MANIFEST} (a checkpoint is verified as a "
+                              f"whole; remove the file or save the checkpoint again with it)")
     for name, meta in files.items():
         path = directory / name
         if not path.is_file():
@@ -340,4 +360,7 @@ def load_model(
         config = MambaConfig.from_dict(_read_json(directory / CONFIG))
         tensors = normalize_state_dict(_read_weights(directory))
     model = build_model(config, tensors, device=device, dtype=dtype, source=str(directory))
+    if fmt != "crsm":
+        log.warning("%s: %s folder loaded UNVERIFIED (no manifest with hashes; `python -m engine.convert` writes "
+                    "a verified copy)", directory, fmt)
     return LoadedModel(model=model, tokenizer=load_tokenizer(directory), source_format=fmt, manifest=manifest)

@@ -147,3 +147,64 @@ def test_convert_cli_help_and_errors(tmp_path):
     assert out.returncode == 0 and "--verify" in out.stdout
     (tmp_path / "empty").mkdir()
     assert convert_main([str(tmp_path / "empty"), str(tmp_path / "o")]) == 1
+
+
+# The tamper matrix: every change to a verified folder is refused, naming the file ---------------------------
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+TAMPERING = {
+    "flipped weights": (lambda c: _flip(c / "model.safetensors"), r"model\.safetensors: sha256"),
+    "flipped config": (lambda c: (c / "config.json").write_text((c / "config.json").read_text() + " "),
+                       r"config\.json: .*bytes"),
+    "flipped listed extra": (lambda c: _flip(c / "planner.json"), r"planner\.json: sha256"),
+    "truncated weights": (lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:-7]),
+                          r"model\.safetensors: \d+ bytes"),
+    "listed file removed": (lambda c: (c / "planner.json").unlink(), r"planner\.json: listed in the manifest but missing"),
+    "unlisted tokenizer": (lambda c: (c / "tokenizer.json").write_text("{broken"), r"tokenizer\.json: not listed"),
+    "pickle beside the weights": (lambda c: torch.save({"x": _Exploit()}, c / "pytorch_model.bin"),
+                                  r"pytorch_model\.bin: not listed"),
+    "manifest hash edited": (lambda c: _edit_manifest(c, lambda m: m["files"]["config.json"].update(sha256="0" * 64)),
+                             r"config\.json: sha256"),
+    "manifest entry dropped": (lambda c: _edit_manifest(c, lambda m: m["files"].pop("planner.json")),
+                               r"planner\.json: not listed"),
+    "manifest not JSON": (lambda c: (c / "manifest.json").write_text("{"), r"manifest\.json: not valid JSON"),
+    "manifest of another version": (lambda c: _edit_manifest(c, lambda m: m.update(format_version=99)),
+                                    r"manifest\.json: format version 99"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERING))
+def test_tampered_checkpoint_is_refused_naming_the_file(tmp_path, case):
+    tamper, message = TAMPERING[case]
+    folder = save_checkpoint(make_model(), tmp_path / "c", extra_files={"planner.json": b'{"config": {}}'})
+    load_model(folder)  # intact: loads
+    _Exploit.marker = tmp_path / "pwned"
+    tamper(folder)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder)
+    assert not _Exploit.marker.exists()  # no pickle was ever loaded
+
+
+def test_foreign_folders_load_unverified(tmp_path, caplog):
+    folder = tmp_path / "ssm"
+    folder.mkdir()
+    model = make_model()
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              str(folder / "model.safetensors"))
+    with caplog.at_level("WARNING"):
+        loaded = load_model(folder)
+    assert loaded.source_format == "mamba_ssm" and not loaded.verified and "UNVERIFIED" in caplog.text
+    assert load_model(save_checkpoint(model, tmp_path / "ours")).verified

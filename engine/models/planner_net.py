@@ -211,7 +211,7 @@ def load_planner(directory: str | Any, backbone: nn.Module) -> LoadedPlanner:
             tensors = {k: fh.get_tensor(k) for k in fh.keys() if k.startswith(PLANNER_PREFIX)}
         net = PlannerNet.from_tensors(body, tensors)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{directory}: planner weights do not load ({exc})") from exc
+        raise CheckpointError(f"{body_path}: the planner does not load ({type(exc).__name__}: {exc})") from exc
     cfg = backbone.config
     if (net.config.n_layer, net.config.d_inner, net.config.d_state) != (cfg.n_layer, cfg.d_inner, cfg.d_state):
         raise CheckpointError(f"{directory}: planner shapes {net.config} do not fit the backbone")
