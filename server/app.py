@@ -40,7 +40,6 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
 
     app = FastAPI(title="CRSM serve", version="0.1.0", lifespan=lifespan)
     app.state.serving = serving
-    app.state.engine, app.state.metrics, app.state.config = engine, serving.metrics, config
     install_error_handlers(app)
     app.add_middleware(_LimitsAndErrorCounts, metrics=serving.metrics, max_body_bytes=config.max_body_bytes)
     for router in ROUTERS:

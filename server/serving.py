@@ -56,9 +56,6 @@ def serving(request: Request) -> Serving:
     return request.app.state.serving
 
 
-ServingDep = Annotated["Serving", Depends(serving)]
-
-
 def session_or_404(action: Callable[[], T], session_id: str) -> T:
     """Run a session-store call; its refusals become 404, 409 or 413 errors."""
     try:
@@ -192,3 +189,6 @@ class Serving:
             self.metrics.e2e.observe(event.time - gen.handle.submitted)
             self.metrics.prompt_tokens.inc(event.usage.prompt_tokens)
             self.metrics.cached_tokens.inc(event.usage.cached_tokens)
+
+
+ServingDep = Annotated[Serving, Depends(serving)]  # a route parameter typed this way receives the serving object
