@@ -56,9 +56,9 @@ def event_stream(serving: Serving, gen: Generation, body: AsyncIterator[bytes]) 
         await anyio.sleep(config.drain_seconds)
         gen.handle.cancel()
 
-    return EventSourceResponse(body, headers=HEADERS, sep="\n", ping=config.sse_ping_seconds, ping_message_factory=_ping,
-                   shutdown_event=shutdown, shutdown_grace_period=config.drain_seconds + 1.0,
-                   data_sender_callable=drain)
+    return EventSourceResponse(body, headers=HEADERS, sep="\n", ping=config.sse_ping_seconds,
+                               ping_message_factory=_ping, shutdown_event=shutdown,
+                               shutdown_grace_period=config.drain_seconds + 1.0, data_sender_callable=drain)
 
 
 async def batches(gen: Generation) -> AsyncIterator[list[TokenEvent | ThoughtEvent | FinishEvent]]:
