@@ -70,8 +70,8 @@ class ChunkTemplate:
     def render(self, text: str, logprobs: dict | None = None) -> bytes:
         if logprobs is None:
             return self._head + json.dumps(text).encode() + self._no_logprobs
-        return self._head + json.dumps(text).encode() + self._mid + json.dumps(logprobs, separators=(",", ":")).encode() \
-            + self._tail
+        lp = json.dumps(logprobs, separators=(",", ":")).encode()
+        return self._head + json.dumps(text).encode() + self._mid + lp + self._tail
 
 
 def finish_reason(event: FinishEvent) -> str:

@@ -139,7 +139,8 @@ def test_json_responses_match_the_models(url):
     plain = exact(R.Completion, post("/v1/completions", {"prompt": "hi"}).text)
     assert plain.session_id is None and plain.choices[0].logprobs is None and plain.usage.think is None
     exact(R.Completion, post("/v1/completions", {"prompt": "hi", "logprobs": 2}).text)
-    exact(R.Completion, post("/v1/completions", {"prompt": "hi", "logprobs": 0, "return_tokens_as_token_ids": True}).text)
+    as_ids = {"prompt": "hi", "logprobs": 0, "return_tokens_as_token_ids": True}
+    exact(R.Completion, post("/v1/completions", as_ids).text)
     chat = {"messages": [{"role": "user", "content": "hi"}]}
     exact(R.ChatCompletion, post("/v1/chat/completions", chat).text)
     exact(R.ChatCompletion, post("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 2}).text)
