@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ OPTIONS = [
     Option("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
     Option("--prefix-cache-bytes", int, 256 << 20, "byte budget of the automatic chat prefix cache"),
     Option("--max-body-bytes", int, 8 << 20, "largest request body accepted (413 above it)"),
+    Option("--sse-ping-seconds", float, 15.0,
+           "seconds between keep-alive comments on a quiet SSE stream (a /think waiting on its plan), for proxies"),
     Option("--api-key", str, "", "comma-separated API keys; when set, requests need 'Authorization: Bearer <key>'"),
     Option("--api-keys-file", str, "", "file with one API key per line (added to --api-key)"),
     Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
@@ -115,7 +118,8 @@ def build(args: argparse.Namespace):
     if pool is not None:
         engine.attach_planner(pool)
     config = ServerConfig(model_name=name, default_max_tokens=args.default_max_tokens,
-                          max_body_bytes=args.max_body_bytes, api_keys=load_api_keys(args))
+                          max_body_bytes=args.max_body_bytes, api_keys=load_api_keys(args),
+                          sse_ping_seconds=args.sse_ping_seconds)
     app = create_app(engine, loaded.tokenizer, ChatTemplate.for_checkpoint(loaded.tokenizer, args.checkpoint), config,
                      metrics, planner=pool)
     return app, engine
@@ -142,5 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    # Streams drain for drain_seconds on SIGTERM, then end with their final event: uvicorn must wait that long.
+    grace = math.ceil(app.state.serving.config.drain_seconds) + 2
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=grace)
     return 0

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.responses import ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +83,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal server error", code="internal_error")
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI ``responses=`` of a route: the error body under each status it can answer."""
+    return {status: {"model": ErrorBody, "description": f"{HTTPStatus(status).phrase} ({ERROR_TYPES[status]})"}
+            for status in statuses}

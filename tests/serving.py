@@ -27,6 +27,13 @@ def running_server(checkpoint: Path | None, *args: str, env: dict | None = None,
 
     The planner is off unless ``args`` asks for workers (it costs a process per server).
     """
+    with running_server_process(checkpoint, *args, env=env, timeout=timeout) as (url, _):
+        yield url
+
+
+@contextmanager
+def running_server_process(checkpoint: Path | None, *args: str, env: dict | None = None, timeout: float = 60.0):
+    """:func:`running_server`, yielding ``(url, process)``."""
     port = free_port()
     ckpt = ["--checkpoint", str(checkpoint)] if checkpoint is not None else []
     cmd = [sys.executable, "-m", "server", *ckpt, "--host", "127.0.0.1",
@@ -36,7 +43,7 @@ def running_server(checkpoint: Path | None, *args: str, env: dict | None = None,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     with supervised(proc, url + "/ready", timeout, "server", output=lambda: proc.stdout.read()):
-        yield url
+        yield url, proc
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

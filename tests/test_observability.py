@@ -18,9 +18,18 @@ import httpx
 import pytest
 
 from loadtest.mixed import run_mixed
-from loadtest.prometheus import (PROMETHEUS_NAMES, dashboard_targets, local_prometheus, metric_names,
-                                 prometheus_binary, query, recording_rule_names, rule_evaluations, rule_exprs,
-                                 substitute)
+from loadtest.prometheus import (
+    PROMETHEUS_NAMES,
+    dashboard_targets,
+    local_prometheus,
+    metric_names,
+    prometheus_binary,
+    query,
+    recording_rule_names,
+    rule_evaluations,
+    rule_exprs,
+    substitute,
+)
 from tests.serving import free_port, metric_value, running_server
 
 

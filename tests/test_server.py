@@ -254,7 +254,9 @@ def test_context_limit_and_overload(checkpoint):
         r = httpx.post(base + "/v1/completions", json={"prompt": "y" * 80})
         assert r.status_code == 400 and "64" in r.json()["error"]["message"]
         assert r.json()["error"]["code"] == "context_length_exceeded"
-        ok = complete(base, prompt="y" * 20, max_tokens=200)
+        r = httpx.post(base + "/v1/completions", json={"prompt": "y", "max_tokens": 200})  # beyond the context limit
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and "64" in r.text
+        ok = complete(base, prompt="y" * 20, max_tokens=60)  # within it, but the context ends first
         assert ok["choices"][0]["finish_reason"] == "length" and ok["usage"]["total_tokens"] <= 64
 
     with running_server(checkpoint, "--max-running", "1", "--max-waiting", "1") as base:
@@ -330,9 +332,8 @@ def test_cli_help_and_missing_checkpoint(tmp_path):
 def test_default_checkpoint_is_served_without_arguments():
     """What `make serve` runs: no --checkpoint, the shipped default, verified and generating."""
     from engine.checkpoint import verify_checkpoint
-    from server.cli import DEFAULT_CHECKPOINT
-
     from engine.models.planner_net import PLANNER_CONFIG_FILE
+    from server.cli import DEFAULT_CHECKPOINT
 
     manifest = verify_checkpoint(DEFAULT_CHECKPOINT)
     record = manifest["record"]  # the pipeline's result: backbone + trained planner heads

@@ -84,3 +84,19 @@ def test_think_without_a_planner_is_a_clear_400(tmp_path):
         assert r.status_code == 400 and r.json()["error"]["code"] == "planner_disabled"
         r = httpx.post(url + "/think", json={"prompt": "x"})
         assert r.status_code == 400
+
+
+def test_think_events_match_the_documented_models(server):
+    """Each /think event parses with its response model (unknown keys fail) and dumps back to the same JSON."""
+    from server.responses import ThinkDone, ThinkThought, ThinkToken
+
+    session = httpx.post(server + "/v1/sessions", json={}).json()["id"]
+    models = {"token": ThinkToken, "thought": ThinkThought, "done": ThinkDone}
+    for extra in ({}, {"session_id": session}):
+        with httpx.stream("POST", server + "/think", json={"prompt": "A list is", "max_tokens": 24, "plan_every": 4,
+                                                          "ignore_eos": True, **extra}, timeout=120) as r:
+            events = sse_events(r)
+        assert {kind for kind, _ in events} == {"token", "thought", "done"} and events[-1][0] == "done"
+        for kind, payload in events:
+            assert models[kind].model_validate(payload).model_dump(mode="json") == payload, kind
+        assert events[-1][1].get("session_id") == extra.get("session_id")

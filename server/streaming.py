@@ -1,0 +1,151 @@
+"""SSE plumbing: engine events in batches, the OpenAI and ``/think`` event streams, and their response.
+
+Streams are ``sse_starlette.EventSourceResponse`` bodies fed pre-encoded
+frames (bytes pass through unchanged), one write per batch of events. The
+response pings (a comment line) every ``sse_ping_seconds`` so proxies keep a
+quiet stream open (a ``/think`` waiting on its plan), cancels the generation
+when the client hangs up (the body's generator is cancelled, which cancels the
+request) and, on server shutdown, lets the stream run up to
+``drain_seconds`` before cancelling the request, which then ends with its
+final event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from engine.requests import FinishEvent, TokenEvent
+from engine.thinking import ThoughtEvent
+from server.errors import error_body
+from server.formatting import SSE_DONE, OpenAIFormat, finish_reason, sse, sse_model, thought_of, usage_of
+from server.responses import ThinkDone
+from server.serving import Generation, Serving
+
+DISCONNECT_POLL_SECONDS = 0.25
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_doc(*models: type, done: bool = False) -> dict:
+    """OpenAPI of a streamed 200: ``text/event-stream`` whose ``data:`` lines carry one of ``models`` (JSON).
+
+    The schemas live in ``components`` (``server.app`` adds every model of ``STREAM_MODELS`` there)."""
+    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
+    what = "server-sent events whose `data:` is one of the text/event-stream schemas"
+    if done:
+        what = f"application/json, or with `stream: true` {what}, ending with `data: [DONE]`"
+    return {"description": what[0].upper() + what[1:],
+            "content": {"text/event-stream": {"schema": {"oneOf": refs} if len(refs) > 1 else refs[0]}}}
+
+
+def _ping() -> ServerSentEvent:
+    return ServerSentEvent(comment="ping", sep="\n")
+
+
+def event_stream(serving: Serving, gen: Generation, body: AsyncIterator[bytes]) -> EventSourceResponse:
+    config = serving.config
+    shutdown = anyio.Event()
+
+    async def drain() -> None:
+        """Shutdown: the stream may finish within ``drain_seconds``; then the request is cancelled and ends."""
+        await shutdown.wait()
+        await anyio.sleep(config.drain_seconds)
+        gen.handle.cancel()
+
+    return EventSourceResponse(body, headers=HEADERS, sep="\n", ping=config.sse_ping_seconds,
+                               ping_message_factory=_ping, shutdown_event=shutdown,
+                               shutdown_grace_period=config.drain_seconds + 1.0, data_sender_callable=drain)
+
+
+def batches(gen: Generation) -> AsyncIterator[list[TokenEvent | ThoughtEvent | FinishEvent]]:
+    """The request's events in batches of whatever has arrived (one write per batch); a consumer that goes
+    away first (client disconnect) cancels the request (:meth:`engine.requests.RequestHandle.batches`)."""
+    return gen.handle.batches()
+
+
+async def collect(serving: Serving, gen: Generation, request: Request) -> tuple[list[TokenEvent], FinishEvent]:
+    """All events of a non-streamed request; a client that hangs up cancels the generation."""
+
+    async def gather() -> tuple[list[TokenEvent], FinishEvent]:
+        events: list[TokenEvent] = []
+        last = [0.0]
+        async for batch in batches(gen):
+            for event in batch:
+                serving.observe(gen, event, last)
+                if isinstance(event, TokenEvent):
+                    events.append(event)
+                elif isinstance(event, FinishEvent):
+                    return events, event
+        raise asyncio.CancelledError
+
+    task = asyncio.create_task(gather())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                gen.handle.cancel()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def engine_error(event: FinishEvent) -> dict:
+    return error_body(500, event.error or "generation failed", code="engine_error")
+
+
+async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, include_usage: bool
+                        ) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed completion or chat completion: token chunks from one template, then exactly
+    one final chunk (or error event), the usage chunk when asked for, and ``[DONE]``."""
+    template, with_logprobs, observe = fmt.template(), gen.logprobs is not None, serving.observe
+    head = fmt.head()
+    if head:
+        yield head
+    last, offset = [0.0], 0
+    async for batch in batches(gen):
+        out: list[bytes] = []
+        for event in batch:
+            observe(gen, event, last)
+            if isinstance(event, TokenEvent):
+                if with_logprobs:
+                    out.append(template.render(event.text, fmt.logprobs([event], offset)))
+                    offset += len(event.text)
+                elif event.text:
+                    out.append(template.render(event.text))
+            elif isinstance(event, FinishEvent):
+                out.append(sse(engine_error(event)) if event.reason == "error" else sse_model(fmt.final_chunk(event)))
+                if include_usage:
+                    out.append(sse_model(fmt.usage_chunk(event)))
+                out.append(SSE_DONE)
+            # ThoughtEvents: OpenAI clients see thinking in metrics and the final usage only
+        if out:
+            yield b"".join(out)
+
+
+async def think_events(serving: Serving, gen: Generation, rid: str) -> AsyncIterator[bytes]:
+    """The SSE body of ``/think``: ``token`` and ``thought`` events, then one ``done`` (or ``error``) event."""
+    last, index, observe = [0.0], 0, serving.observe
+    session_id = gen.session_id
+    async for batch in batches(gen):
+        out: list[bytes] = []
+        for event in batch:
+            observe(gen, event, last)
+            if isinstance(event, TokenEvent):
+                out.append(sse({"id": rid, "index": index, "token_id": event.token_id, "text": event.text}, "token"))
+                index += 1
+            elif isinstance(event, ThoughtEvent):
+                out.append(sse_model(thought_of(event, rid, serving.tokenizer), "thought"))
+            elif event.reason == "error":
+                out.append(sse(engine_error(event), "error"))
+            else:
+                done = ThinkDone(id=rid, text=event.text, finish_reason=finish_reason(event), usage=usage_of(event),
+                                 session_id=session_id)
+                out.append(sse_model(done, "done"))
+        if out:
+            yield b"".join(out)
