@@ -16,16 +16,17 @@ loop never runs torch. Each loop iteration
    their state goes back to their session (or the prefix cache) and the
    session's lease is released.
 
-The engine owns a session's lease for the whole request: :meth:`Engine.submit`
-takes it and :meth:`Engine._retire` (the one way out, whatever the ending)
-gives it back. Requests that think also exchange plans and deltas with a
-planner (:mod:`engine.deliberation`).
+Where each request sits is :mod:`engine.inflight`'s job. The engine owns a
+session's lease for the whole request: :meth:`Engine.submit` takes it and
+:meth:`Engine._retire` (the one way out, whatever the ending) gives it back.
+Requests that think exchange plans and deltas with a planner
+(:mod:`engine.deliberation`). A failure caused by one request ends that
+request alone (rows are retried apart where they are independent).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ import torch
 
 from engine.batch import DecodeBatch, prefill_rows, sample_rows
 from engine.deliberation import Deliberation
+from engine.inflight import InFlight
 from engine.injection import DEFAULT_MAX_NORM
 from engine.models import MambaLMHeadModel
 from engine.requests import (
@@ -89,13 +91,7 @@ class Engine:
         self.eos_id = tokenizer.eos_id
         self._outbox = Outbox()
         self._deliberation = Deliberation(self.observer, self._outbox.emit, max_state_norm)
-        # Where a request can sit (see Phase); _in_flight() and _detach() are the only code that knows them all.
-        self._inbox: collections.deque[ActiveSequence] = collections.deque()  # guarded by _wake
-        self._waiting: collections.deque[ActiveSequence] = collections.deque()
-        self._prefilling: list[ActiveSequence] = []
-        self._batch = DecodeBatch(model, max_running)
-        self._paused: list[ActiveSequence] = []
-        self._wake = threading.Condition()
+        self._flight = InFlight(DecodeBatch(model, max_running))  # where each request sits
         self._accepting = True  # False once the loop has ended: nothing may join the inbox after its last drain
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -123,9 +119,9 @@ class Engine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still in flight end with an error event."""
-        with self._wake:
+        with self._flight.wake:
             self._stop = True
-            self._wake.notify()
+            self._flight.wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -144,11 +140,11 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._inbox) + len(self._waiting)
+        return self._flight.num_waiting
 
     @property
     def num_running(self) -> int:
-        return len(self._prefilling) + len(self._batch) + len(self._paused)
+        return self._flight.num_running
 
     # Submission (any thread, usually the event loop) ----------------------
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
@@ -170,13 +166,13 @@ class Engine:
                 raise ContextLengthExceeded(history, len(request.prompt_ids), self.max_context)
             handle = RequestHandle(request, loop or asyncio.get_running_loop())
             seq = ActiveSequence(handle, session, self.tokenizer)
-            with self._wake:
+            with self._flight.wake:
                 if not self._accepting:
                     raise EngineDead("the engine thread has stopped")
                 if self.num_running + self.num_waiting >= self.max_running + self.max_waiting:
                     raise EngineOverloaded(f"{self.num_running} running and {self.num_waiting} waiting")
-                self._inbox.append(seq)
-                self._wake.notify()
+                self._flight.inbox.append(seq)
+                self._flight.wake.notify()
         except BaseException:
             if session is not None:
                 self.sessions.release(session)
@@ -202,27 +198,20 @@ class Engine:
             message = f"engine failure: {exc}"
         finally:
             self.ready.clear()
-        with self._wake:
+        with self._flight.wake:
             self._accepting = False
         self._fail_all(message)
         self._outbox.flush()
 
     def _next_arrivals(self) -> bool:
         """Wait for work, move new requests to the waiting queue; False when asked to stop."""
-        with self._wake:
-            while not self._stop and not self._inbox and not self._has_work():
-                self._wake.wait(timeout=0.5)
+        with self._flight.wake:
+            while not self._stop and not self._flight.inbox and not self._flight.has_work():
+                self._flight.wake.wait(timeout=0.5)
             if self._stop:
                 return False
-            incoming = list(self._inbox)
-            self._inbox.clear()
-        for seq in incoming:
-            seq.phase = Phase.WAITING
-        self._waiting.extend(incoming)
+            self._flight.take_arrivals()
         return True
-
-    def _has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._batch or self._paused)
 
     def _warm_up(self) -> None:
         logits, state = self.model.prefill(torch.tensor([[0, 1, 2]]))
@@ -230,52 +219,22 @@ class Engine:
 
     def _iteration(self) -> None:
         self._drop_cancelled()
-        if self._paused:
+        if self._flight.paused:
             self._resume_planned()
         self._admit()
         prefill_tokens = self._prefill_some()
-        decode_batch = len(self._batch)
-        if self._batch:
+        decode_batch = len(self._flight.batch)
+        if self._flight.batch:
             self._decode_step()
         self.observer.on_step(decode_batch, prefill_tokens, self.num_running, self.num_waiting)
 
-    # Containers -------------------------------------------------------------
-    def _in_flight(self) -> list[ActiveSequence]:
-        """Every sequence the engine holds, whatever its phase."""
-        with self._wake:
-            queued = list(self._inbox)
-        return queued + list(self._waiting) + list(self._prefilling) + list(self._batch) + list(self._paused)
-
-    def _detach(self, seq: ActiveSequence) -> MambaState | None:
-        """Take ``seq`` out of its container; returns its current state (None when it has none yet)."""
-        phase, state = seq.phase, seq.state
-        if phase is Phase.QUEUED:
-            with self._wake:
-                self._inbox.remove(seq)
-        elif phase is Phase.WAITING:
-            self._waiting.remove(seq)
-        elif phase is Phase.PREFILLING:
-            self._prefilling.remove(seq)
-        elif phase is Phase.DECODING:
-            state = self._batch.leave(seq)
-        elif phase is Phase.PAUSED:
-            self._paused.remove(seq)
-        seq.state = None
-        return state
-
-    def _join_decode(self, seq: ActiveSequence, state: MambaState) -> int:
-        seq.state = None
-        seq.phase = Phase.DECODING
-        return self._batch.join(seq, state)
-
     # Admission and start states -----------------------------------------
     def _admit(self) -> None:
-        while self._waiting and self.num_running < self.max_running:
-            seq = self._waiting.popleft()
+        while self._flight.waiting and self.num_running < self.max_running:
+            seq = self._flight.waiting.popleft()
             seq.admit(*start_state(seq.req.prompt_ids, seq.req.prefix_boundaries, seq.session, self.prefix_cache),
                       vocab=self.vocab)
-            seq.phase = Phase.PREFILLING
-            self._prefilling.append(seq)
+            self._flight.to_prefill(seq)
             if seq.plans is not None:
                 self._deliberation.begin(seq)
 
@@ -284,7 +243,7 @@ class Engine:
         """Feed up to ``prefill_chunk`` prompt tokens, oldest sequences first, as one batch."""
         budget = self.prefill_chunk
         chosen: list[tuple[ActiveSequence, int]] = []
-        for seq in self._prefilling:
+        for seq in self._flight.prefilling:
             if budget <= 0:
                 break
             n = min(len(seq.to_feed), budget)
@@ -311,7 +270,7 @@ class Engine:
                 return [done for one in chosen for done in self._prefill([one])]
             seq = chosen[0][0]
             self._fail_row(seq, "prefill", exc)
-            self._retire(seq, self._detach(seq))
+            self._retire(seq, self._flight.detach(seq))
             return []
         return [(seq, logits[row]) for row, (seq, _) in enumerate(chosen) if not seq.to_feed]
 
@@ -319,60 +278,58 @@ class Engine:
         """Sequences whose prompt is all in: sample their first token, move them to the decode batch."""
         self._sample_and_accept(seqs, logits)
         for seq, row_logits in zip(seqs, logits):
-            state = self._detach(seq)
+            state = self._flight.detach(seq)
             if seq.finished is not None:
                 self._retire(seq, state)
                 continue
-            row = self._join_decode(seq, state)
+            row = self._flight.to_decode(seq, state)
             if seq.plans is not None:
-                self._deliberation.maybe_plan(seq, partial(self._batch.copy_row, row), row_logits)
+                self._deliberation.maybe_plan(seq, partial(self._flight.batch.copy_row, row), row_logits)
 
     # Decode ---------------------------------------------------------------
     def _decode_step(self) -> None:
         if self._deliberation.active:
             self._deliberation.collect()
             self._pause_for_plans()
-            for row, seq in enumerate(self._batch):
+            for row, seq in enumerate(self._flight.batch):
                 if seq.plans is not None:
-                    self._deliberation.land_due(seq, self._batch.ssm_row(row))
-            if not self._batch:
+                    self._deliberation.land_due(seq, self._flight.batch.ssm_row(row))
+            if not self._flight.batch:
                 return
-        seqs = list(self._batch)
+        seqs = list(self._flight.batch)
         tokens = torch.tensor([s.generated[-1] for s in seqs])
         try:
-            logits = self.model.step(tokens, self._batch.live())
+            logits = self.model.step(tokens, self._flight.batch.live())
         except Exception as exc:  # the shared forward: no row to blame, and the rows' states are half-written
             for seq in seqs:
                 self._fail_row(seq, "decode step", exc)
-                self._retire(seq, self._detach(seq))
+                self._retire(seq, self._flight.detach(seq))
             return
         self._sample_and_accept(seqs, logits)
         if self._deliberation.active:
             for row, seq in enumerate(seqs):
                 if seq.plans is not None and seq.finished is None:
-                    self._deliberation.maybe_plan(seq, partial(self._batch.copy_row, row), logits[row])
+                    self._deliberation.maybe_plan(seq, partial(self._flight.batch.copy_row, row), logits[row])
         for seq in [s for s in seqs if s.finished is not None]:
-            self._retire(seq, self._detach(seq))
+            self._retire(seq, self._flight.detach(seq))
 
     def _pause_for_plans(self) -> None:
         """Bounded lag: a sequence whose due plan has not answered leaves the batch until it does.
 
         Only that sequence waits; the others keep decoding.
         """
-        for seq in [s for s in self._batch if s.plans is not None and self._deliberation.must_wait(s)]:
-            state = self._detach(seq)
-            seq.state, seq.phase = state, Phase.PAUSED
-            self._paused.append(seq)
+        for seq in [s for s in self._flight.batch if s.plans is not None and self._deliberation.must_wait(s)]:
+            self._flight.to_paused(seq, self._flight.detach(seq))
 
     def _resume_planned(self) -> None:
         """Paused sequences whose plans have answered (or given up) land them and rejoin the batch."""
         self._deliberation.collect()
         now = time.monotonic()
-        for seq in [s for s in self._paused if self._deliberation.may_resume(s, now)]:
-            state = self._detach(seq)
+        for seq in [s for s in self._flight.paused if self._deliberation.may_resume(s, now)]:
+            state = self._flight.detach(seq)
             self._deliberation.land_due(seq, state.ssm[:, 0])
-            self._join_decode(seq, state)
-        if self._paused and not self._batch and not self._prefilling:
+            self._flight.to_decode(seq, state)
+        if self._flight.paused and not self._flight.batch and not self._flight.prefilling:
             self._deliberation.wait_for_results(timeout=0.005)  # nothing else to do: sleep until a plan answers
 
     # Sampling and token bookkeeping ---------------------------------------
@@ -438,21 +395,21 @@ class Engine:
             self._outbox.emit(seq.handle, finish)
 
     def _drop_cancelled(self) -> None:
-        for seq in self._in_flight():
+        for seq in self._flight.all():
             if seq.cancelled and seq.phase is not Phase.QUEUED:  # queued ones are seen next iteration
-                state = self._detach(seq)
+                state = self._flight.detach(seq)
                 seq.finish("cancelled", flush=False)
                 self._retire(seq, state)
 
     def _fail_all(self, message: str) -> None:
         """End every request in flight with an error event; their sessions keep the state they had."""
-        seqs = self._in_flight()
+        seqs = self._flight.all()
         for seq in seqs:
             try:
-                self._detach(seq)
+                self._flight.detach(seq)
             except Exception:  # a broken batch buffer: dropped below
                 log.exception("could not detach request %s", seq.handle.id)
-        self._batch.clear()
+        self._flight.batch.clear()
         for seq in seqs:
             seq.finish("error", flush=False, error=message)
             self._retire(seq, None)
