@@ -102,6 +102,9 @@ def build(args: argparse.Namespace):
     metrics = Metrics(name)
     pool = None
     if args.planner_workers > 0:
+        from engine.models import load_planner
+
+        load_planner(args.checkpoint, loaded.model)  # a planner that cannot load stops the start, naming the file
         from planner.pool import PlannerPool
         from planner.worker import WorkerSpec
 
@@ -119,7 +122,7 @@ def build(args: argparse.Namespace):
         engine.attach_planner(pool)
     config = ServerConfig(model_name=name, default_max_tokens=args.default_max_tokens,
                           max_body_bytes=args.max_body_bytes, api_keys=load_api_keys(args),
-                          sse_ping_seconds=args.sse_ping_seconds)
+                          sse_ping_seconds=args.sse_ping_seconds, checkpoint_verified=loaded.verified)
     app = create_app(engine, loaded.tokenizer, ChatTemplate.for_checkpoint(loaded.tokenizer, args.checkpoint), config,
                      metrics, planner=pool)
     return app, engine

@@ -76,7 +76,7 @@ class Metrics(EngineObserver, PlannerObserver):
         r.register(_StoreCollector(self))
 
     def bind_store(self, read: Callable[[], dict[str, int]]) -> None:
-        """``read()`` returns sessions, session_bytes, prefix_queries, prefix_hits at scrape time."""
+        """``read()`` returns sessions, session_bytes, session_evictions, prefix_queries, prefix_hits at scrape time."""
         self._store_reader = read
 
     # Engine hooks (engine thread) -------------------------------------
@@ -128,7 +128,9 @@ class _StoreCollector(Collector):
         label = [self._metrics._labels["model_name"]]
         for name, doc, key, family in (
             ("crsm_sessions_cached", "Sessions held in the store", "sessions", GaugeMetricFamily),
-            ("crsm_session_bytes", "Bytes of the states held by sessions", "session_bytes", GaugeMetricFamily),
+            ("crsm_session_bytes", "Bytes held by sessions (states and metadata)", "session_bytes", GaugeMetricFamily),
+            ("crsm_session_evictions", "Sessions evicted for the byte budget or the TTL", "session_evictions",
+             CounterMetricFamily),
             ("crsm_prefix_cache_queries", "Chat prefix-cache lookups", "prefix_queries", CounterMetricFamily),
             ("crsm_prefix_cache_hits", "Chat prefix-cache lookups that found a state", "prefix_hits",
              CounterMetricFamily),

@@ -211,6 +211,8 @@ class ModelCard(_Body):
     created: int
     owned_by: str
     max_model_len: int
+    verified: bool = Field(description="extension: the checkpoint was verified against its manifest (sha256 of "
+                                       "every file); false for a foreign mamba-ssm / Hugging Face folder")
 
 
 class ModelList(_Body):

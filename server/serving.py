@@ -51,6 +51,7 @@ class ServerConfig:
     retry_after_seconds: int = 1
     sse_ping_seconds: float = 15.0  # keep-alive comment on a quiet stream (proxies close idle connections)
     drain_seconds: float = 3.0  # on shutdown, streams may finish for this long; then they are cancelled
+    checkpoint_verified: bool = True  # False: a foreign folder loaded without a manifest (shown in /v1/models)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Serving:
         self.metrics.bind_store(lambda: {
             "sessions": len(engine.sessions), "session_bytes": engine.sessions.nbytes,
             "prefix_queries": engine.prefix_cache.queries, "prefix_hits": engine.prefix_cache.hits,
+            "session_evictions": engine.sessions.evictions,
         })
 
     # Lifecycle -----------------------------------------------------------------------
@@ -107,7 +109,8 @@ class Serving:
     # Info ------------------------------------------------------------------------------
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.config.model_name, created=int(time.time()), owned_by="crsm",
-                                         max_model_len=self.engine.max_context)])
+                                         max_model_len=self.engine.max_context,
+                                         verified=self.config.checkpoint_verified)])
 
     # Inputs ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:

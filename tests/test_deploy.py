@@ -290,7 +290,8 @@ def test_readme_metrics_table_lists_what_the_server_exports():
     from server.metrics import Metrics
 
     metrics = Metrics("m")
-    metrics.bind_store(lambda: {"sessions": 0, "session_bytes": 0, "prefix_queries": 0, "prefix_hits": 0})
+    metrics.bind_store(lambda: {"sessions": 0, "session_bytes": 0, "session_evictions": 0, "prefix_queries": 0,
+                                "prefix_hits": 0})
     exported = {}
     for line in metrics.render().decode().splitlines():
         if line.startswith("# TYPE "):
