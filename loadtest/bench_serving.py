@@ -106,6 +106,40 @@ async def single_stream_pair(checkpoint: Path, url: str, prompt: str, max_tokens
     return statistics.median(sse_rates), statistics.median(engine_rates)
 
 
+def measure_load(url: str, args: argparse.Namespace) -> dict[str, dict]:
+    """Aggregate throughput at 1, 8 and 32 streams; the median of ``rounds`` turns per level."""
+    # Levels take turns (1, 8, 32, 1, 8, 32, ...) so a drift of the shared machine hits all of them.
+    rounds: dict[str, list[dict]] = {"1": [], "8": [], "32": []}
+    for _ in range(args.rounds):
+        for c in rounds:
+            report, _ = asyncio.run(run_load(url, model="bench", concurrency=int(c), rate=None,
+                                             duration=args.duration / args.rounds, max_requests=None,
+                                             prompt_chars=args.prompt_chars, max_tokens=args.max_tokens,
+                                             api_key=None))
+            rounds[c].append(report)
+    load = {}
+    for c, reports in rounds.items():
+        reports.sort(key=lambda r: r["output_token_throughput"])
+        load[c] = reports[len(reports) // 2]  # the median round
+        load[c]["rounds_output_token_throughput"] = [r["output_token_throughput"] for r in reports]
+        report = load[c]
+        print(f"concurrency {c}: {report['output_token_throughput']:.0f} tok/s out (rounds "
+              f"{', '.join(f'{x:.0f}' for x in load[c]['rounds_output_token_throughput'])}), "
+              f"TTFT p50 {report['ttft_seconds']['p50'] * 1e3:.1f} ms, ITL p50 "
+              f"{report['itl_seconds']['p50'] * 1e3:.2f} ms, errors {report['errors']}", flush=True)
+    return load
+
+
+def measure_resume(url: str, args: argparse.Namespace) -> dict:
+    resume = asyncio.run(run_resume(url, model="bench", histories=[int(h) for h in args.history.split(",")],
+                                    new_chars=32, repeats=args.repeats, api_key=None))
+    for row in resume["rows"]:
+        print(f"history {row['history_chars']}: resumed TTFT {row['resumed_ttft_s'] * 1e3:.1f} ms "
+              f"({row['resumed_vs_no_history']:.2f}x of no history), re-sent {row['resent_ttft_s'] * 1e3:.1f} ms",
+              flush=True)
+    return resume
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: a random d_model=256, 4-layer model")
@@ -126,38 +160,18 @@ def main(argv: list[str] | None = None) -> None:
         url = f"http://127.0.0.1:{port}"
         proc = start_server(checkpoint, port, ["--max-running", "32", "--max-waiting", "64"])
         try:
-            # Levels take turns (1, 8, 32, 1, 8, 32, ...) so a drift of the shared machine hits all of them.
-            rounds: dict[str, list[dict]] = {"1": [], "8": [], "32": []}
-            for _ in range(args.rounds):
-                for c in rounds:
-                    report, _ = asyncio.run(run_load(url, model="bench", concurrency=int(c), rate=None,
-                                                     duration=args.duration / args.rounds, max_requests=None,
-                                                     prompt_chars=args.prompt_chars, max_tokens=args.max_tokens,
-                                                     api_key=None))
-                    rounds[c].append(report)
-            load = {}
-            for c, reports in rounds.items():
-                reports.sort(key=lambda r: r["output_token_throughput"])
-                load[c] = reports[len(reports) // 2]  # the median round
-                load[c]["rounds_output_token_throughput"] = [r["output_token_throughput"] for r in reports]
-                report = load[c]
-                print(f"concurrency {c}: {report['output_token_throughput']:.0f} tok/s out (rounds "
-                      f"{', '.join(f'{x:.0f}' for x in load[c]['rounds_output_token_throughput'])}), "
-                      f"TTFT p50 {report['ttft_seconds']['p50'] * 1e3:.1f} ms, ITL p50 "
-                      f"{report['itl_seconds']['p50'] * 1e3:.2f} ms, errors {report['errors']}", flush=True)
-            resume = asyncio.run(run_resume(url, model="bench", histories=[int(h) for h in args.history.split(",")],
-                                            new_chars=32, repeats=args.repeats, api_key=None))
-            for row in resume["rows"]:
-                print(f"history {row['history_chars']}: resumed TTFT {row['resumed_ttft_s'] * 1e3:.1f} ms "
-                      f"({row['resumed_vs_no_history']:.2f}x of no history), re-sent {row['resent_ttft_s'] * 1e3:.1f} ms",
-                      flush=True)
-            prompt = "x" * args.prompt_chars
-            sse, engine_rate = asyncio.run(single_stream_pair(checkpoint, url, prompt, 256, args.repeats))
+            load = measure_load(url, args)
+            resume = measure_resume(url, args)
+            sse, engine_rate = asyncio.run(single_stream_pair(checkpoint, url, "x" * args.prompt_chars, 256,
+                                                              args.repeats))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
         print(f"single stream: SSE {sse:.0f} tok/s, in-process engine {engine_rate:.0f} tok/s", flush=True)
+    write_report(args, load, resume, sse, engine_rate)
 
+
+def write_report(args: argparse.Namespace, load: dict, resume: dict, sse: float, engine_rate: float) -> None:
     one = load["1"]["output_token_throughput"]
     report = {
         "benchmark": "bench_serving",
