@@ -17,6 +17,18 @@ settings.load_profile("ci")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def reference_greedy(model: MambaLMHeadModel, prompt, n: int) -> list[int]:
+    """Greedy tokens straight from the model, one sequence, no engine: what a served stream must equal."""
+    with torch.inference_mode():
+        logits, state = model.prefill(torch.tensor([list(prompt)]))
+        out = []
+        for _ in range(n):
+            token = logits.argmax(-1)
+            out.append(int(token))
+            logits = model.step(token, state)
+    return out
+
+
 def make_model(seed: int = 0, **overrides) -> MambaLMHeadModel:
     """A tiny random model; non-trivial dt and A so every path matters."""
     base = dict(d_model=32, n_layer=2, vocab_size=261, d_state=8, d_conv=4, expand=2)

@@ -14,14 +14,13 @@ import asyncio
 import random
 
 import pytest
-import torch
 
 import engine.scheduler as scheduler
 from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
 from engine.scheduler import Engine
 from engine.tokenizer import ByteTokenizer
-from tests.conftest import make_model
+from tests.conftest import make_model, reference_greedy
 
 TOK = ByteTokenizer()
 
@@ -29,17 +28,6 @@ TOK = ByteTokenizer()
 @pytest.fixture(scope="module")
 def model():
     return make_model(seed=5, vocab_size=TOK.vocab_size)
-
-
-def greedy(model, prompt: list[int], n: int) -> list[int]:
-    with torch.inference_mode():
-        logits, state = model.prefill(torch.tensor([prompt]))
-        out = []
-        for _ in range(n):
-            token = logits.argmax(-1)
-            out.append(int(token))
-            logits = model.step(token, state)
-    return out
 
 
 class Faults:
@@ -115,4 +103,4 @@ def test_a_failing_row_fails_alone_under_concurrent_streams(model, monkeypatch):
                     assert session.n_tokens == 0 and session.state is None  # left as it was
             else:
                 tokens = [e.token_id for e in evs if isinstance(e, TokenEvent)]
-                assert finals[0].reason == "length" and tokens == greedy(model, request.prompt_ids, n_tokens)
+                assert finals[0].reason == "length" and tokens == reference_greedy(model, request.prompt_ids, n_tokens)

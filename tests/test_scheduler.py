@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from engine.requests import (
     ContextLengthExceeded,
@@ -21,7 +20,7 @@ from engine.scheduler import Engine
 from engine.sessions import PrefixCache, SessionBusy, SessionNotFound, SessionStore, SessionTooLarge
 from engine.stops import StopMatcher
 from engine.tokenizer import ByteTokenizer
-from tests.conftest import make_model
+from tests.conftest import make_model, reference_greedy
 
 TOK = ByteTokenizer()
 
@@ -49,17 +48,6 @@ def with_engine(model, coro_fn, **kw):
             engine.shutdown()
 
     return asyncio.run(main())
-
-
-def reference_greedy(model, prompt, n):
-    with torch.inference_mode():
-        logits, state = model.prefill(torch.tensor([list(prompt)]))
-        out = []
-        for _ in range(n):
-            tok = logits.argmax(-1)
-            out.append(int(tok))
-            logits = model.step(tok, state)
-    return out
 
 
 def test_batched_engine_output_equals_plain_greedy(model):
