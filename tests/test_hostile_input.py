@@ -1,0 +1,140 @@
+"""Hostile input over real HTTP: invalid Unicode, loose types, absurd numbers. Each is a 400 naming the field,
+nothing is created or generated before the request is known valid, and the server stays up."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.serving import metric_value, running_server, tiny_checkpoint
+
+SURROGATE = "\ud800"  # valid JSON ("\ud800"), not valid Unicode
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint):
+    with running_server(checkpoint) as base:
+        yield base
+
+
+def post(url: str, path: str, body: dict, **kwargs) -> httpx.Response:
+    """``body`` as JSON the way a hostile client writes it: surrogates as ``\\ud800`` escapes, NaN as ``NaN``."""
+    return httpx.post(url + path, content=json.dumps(body), headers={"content-type": "application/json"},
+                      timeout=30, **kwargs)
+
+
+def sessions(url: str) -> float:
+    return metric_value(httpx.get(url + "/metrics").text, "crsm_sessions_cached")
+
+
+def assert_400(r: httpx.Response, param: str) -> dict:
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param, err
+    return err
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": SURROGATE}, "prompt"),
+    ("/v1/completions", {"prompt": ["ok" + SURROGATE]}, "prompt.0"),
+    ("/v1/completions", {"prompt": "x", "stop": SURROGATE}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["fine", "a" + SURROGATE]}, "stop.1"),
+    ("/v1/completions", {"prompt": "x", "model": SURROGATE}, "model"),
+    ("/v1/completions", {"prompt": "x", "session_id": SURROGATE}, "session_id"),
+    ("/v1/completions", {"prompt": "x", "user": SURROGATE}, "user"),
+    (CHAT, {"messages": [{"role": "user", "content": SURROGATE}]}, "messages.0.content"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
+     "messages.0.content.0.text"),
+    (CHAT, {"messages": [{"role": "user", "content": "x"}], "stop": [SURROGATE]}, "stop.0"),
+    ("/think", {"prompt": SURROGATE}, "prompt"),
+    ("/v1/sessions", {"metadata": {"k": SURROGATE}}, "metadata.k"),
+])
+def test_unpaired_surrogates_are_400s_naming_the_field(url, path, body, param):
+    err = assert_400(post(url, path, body), param)
+    assert "Unicode" in err["message"]
+
+
+def test_a_session_is_not_created_by_a_refused_request(url):
+    before = sessions(url)
+    assert post(url, "/v1/sessions", {"metadata": {"k": SURROGATE}}).status_code == 400
+    r = post(url, "/v1/sessions", {"metadata": {SURROGATE: "v"}})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("metadata.")
+    r = post(url, "/v1/sessions", {"metadata": {"k": "v" * (17 << 10)}})  # over the store's 16 KiB
+    assert r.status_code == 413 and r.json()["error"]["param"] == "metadata"
+    assert post(url, "/v1/sessions", {"metadata": {str(i): "v" for i in range(65)}}).status_code == 400
+    assert sessions(url) == before
+    assert post(url, "/v1/sessions", {"metadata": {"k": "v"}}).status_code == 200
+    assert sessions(url) == before + 1
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "x", "stream": 1}, "stream"),
+    ("/v1/completions", {"prompt": "x", "ignore_eos": "true"}, "ignore_eos"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "4"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4.0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": "0.5"}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": False}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "seed": "7"}, "seed"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": [True, 1]}, "prompt.0"),
+    ("/v1/completions", {"prompt": 5}, "prompt"),
+    (CHAT, {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
+    (CHAT, {"messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
+    ("/think", {"prompt": "x", "decay": False}, "decay"),
+    ("/think", {"prompt": "x", "wait": "no"}, "wait"),
+    ("/think", {"prompt": "x", "simulations": "8"}, "simulations"),
+    ("/v1/completions", {"prompt": "x", "think": {"plan_every": 4.0}}, "think.plan_every"),
+])
+def test_types_are_strict(url, path, body, param):
+    assert_400(post(url, path, body), param)
+
+
+def test_json_numbers_still_work(url):
+    """An int where a float is expected is a JSON number like any other (the openai client sends these)."""
+    body = {"prompt": "x", "max_tokens": 2, "temperature": 1, "top_p": 1, "repetition_penalty": 1}
+    assert post(url, "/v1/completions", body).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2, "temperature": 0}
+    assert post(url, CHAT, chat).status_code == 200
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "x", "top_k": 1 << 40}, "top_k"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 1 << 40}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**400}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "seed": 1 << 64}, "seed"),
+    ("/v1/completions", {"prompt": "x", "temperature": float("nan")}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": float("inf")}, "top_p"),
+    ("/v1/completions", {"prompt": "x", "temperature": 10**400}, "temperature"),
+    ("/v1/completions", {"prompt": [1 << 40]}, "prompt.0"),
+    ("/v1/completions", {"prompt": [-1]}, "prompt.0"),
+    ("/v1/completions", {"prompt": "x", "stop": ["s"] * 9}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": "s" * 1025}, "stop"),
+    ("/v1/completions", {"prompt": "x", "model": "m" * 257}, "model"),
+    (CHAT, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 1 << 40},
+     "max_completion_tokens"),
+    (CHAT, {"messages": [{"role": "user", "content": "x"}] * 4097}, "messages"),
+    ("/think", {"prompt": "x", "time_budget_ms": float("inf")}, "time_budget_ms"),
+    ("/think", {"prompt": "x", "min_confidence": float("nan")}, "min_confidence"),
+])
+def test_numbers_and_lists_are_bounded(url, path, body, param):
+    assert_400(post(url, path, body), param)
+
+
+def test_the_engine_still_names_model_dependent_limits(url):
+    """Within the schema's bounds, the engine refuses what depends on the model: top_k beyond the vocabulary,
+    max_tokens beyond the context."""
+    assert_400(post(url, "/v1/completions", {"prompt": "x", "top_k": 1 << 20}), "top_k")
+    assert_400(post(url, "/v1/completions", {"prompt": "x", "max_tokens": 1 << 31}), "max_tokens")
