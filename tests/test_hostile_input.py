@@ -138,3 +138,44 @@ def test_the_engine_still_names_model_dependent_limits(url):
     max_tokens beyond the context."""
     assert_400(post(url, "/v1/completions", {"prompt": "x", "top_k": 1 << 20}), "top_k")
     assert_400(post(url, "/v1/completions", {"prompt": "x", "max_tokens": 1 << 31}), "max_tokens")
+
+
+# Auth and HEAD ---------------------------------------------------------------------------------------------
+def test_auth_is_exact_challenged_and_guards_metrics_and_docs(checkpoint):
+    with running_server(checkpoint, "--api-key", "key-a,key-b", "--metrics-api-key", "mkey") as base:
+        def get(path: str, auth: str | None = None, method: str = "GET") -> httpx.Response:
+            return httpx.request(method, base + path, headers={"Authorization": auth} if auth else {}, timeout=30)
+
+        for path, auth in [("/v1/models", None), ("/v1/models", "Bearer  key-a"), ("/v1/models", "Bearer key-c"),
+                           ("/v1/models", "Basic key-a"), ("/v1/models", "Bearer key-a key-b"),
+                           ("/metrics", None), ("/metrics", "Bearer key-a"), ("/metrics", "Bearer  mkey"),
+                           ("/openapi.json", None), ("/docs", None), ("/redoc", None), ("/openapi.json", "Bearer mkey")]:
+            r = get(path, auth)
+            assert r.status_code == 401, (path, auth)
+            assert r.headers["www-authenticate"] == "Bearer" and r.json()["error"]["code"] == "invalid_api_key"
+        r = post(base, "/v1/completions", {"prompt": "x"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert get("/v1/models", "Bearer key-b").status_code == 200
+        assert get("/metrics", "Bearer mkey").text.startswith("#")
+        assert get("/openapi.json", "Bearer key-a").json()["paths"]
+        assert get("/docs", "Bearer key-a").status_code == get("/redoc", "Bearer key-b").status_code == 200
+        assert get("/health").status_code == get("/ready").status_code == 200  # probes stay open
+        assert get("/metrics", method="HEAD").status_code == 401
+        assert get("/metrics", "Bearer mkey", method="HEAD").status_code == 200
+
+
+def test_head_answers_every_get_route_without_a_body(url):
+    spec = httpx.get(url + "/openapi.json").json()
+    gets = [path for path, item in spec["paths"].items() if "get" in item and "{" not in path]
+    assert {"/health", "/ready", "/metrics", "/v1/models"} <= set(gets)
+    before = metric_value(httpx.get(url + "/metrics").text, "crsm_request_errors_total") \
+        if "crsm_request_errors_total{" in httpx.get(url + "/metrics").text else 0.0
+    for path in gets + ["/openapi.json", "/docs", "/redoc"]:
+        get, head = httpx.get(url + path), httpx.head(url + path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+    head = httpx.head(url + "/v1/sessions/sess-missing")
+    assert head.status_code == 404 and head.content == b""
+    text = httpx.get(url + "/metrics").text
+    assert metric_value(text, "crsm_request_errors_total") == before + 1  # the 404 only
+    assert not any("head" in item for item in spec["paths"].values())  # the document lists the GETs

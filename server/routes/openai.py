@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
 from server.auth import Owner
 from server.errors import APIError, error_responses
 from server.formatting import ChatFormat, CompletionFormat, OpenAIFormat
 from server.responses import ChatCompletion, ChatCompletionChunk, Completion, ErrorBody
+from server.routes.router import Router
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.serving import Generation, Serving, ServingDep
 from server.streaming import collect, event_stream, openai_events, sse_doc
 
-router = APIRouter(tags=["openai"])
+router = Router(tags=["openai"])
 GENERATION_ERRORS = error_responses(400, 401, 404, 409, 413, 429, 500, 503)
 
 

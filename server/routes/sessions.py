@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-
 from engine.sessions import SessionTooLarge
 from server.auth import Owner
 from server.errors import APIError, error_responses
 from server.responses import SessionDeleted, SessionInfo
+from server.routes.router import Router
 from server.schemas import SessionCreateRequest
 from server.serving import ServingDep, session_or_404
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+router = Router(prefix="/v1/sessions", tags=["sessions"])
 SESSION_ERRORS = error_responses(401, 404, 409, 413)
 
 
