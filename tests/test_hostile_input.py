@@ -7,6 +7,8 @@ import json
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from tests.serving import metric_value, running_server, tiny_checkpoint
 
@@ -179,3 +181,79 @@ def test_head_answers_every_get_route_without_a_body(url):
     text = httpx.get(url + "/metrics").text
     assert metric_value(text, "crsm_request_errors_total") == before + 1  # the 404 only
     assert not any("head" in item for item in spec["paths"].values())  # the document lists the GETs
+
+
+# Property: any JSON body -------------------------------------------------------------------------------------
+_hostile_strings = st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-0", "true", "null", "0x10", " 4 ",
+                                    "\ud800", "a\udfff", "\ud83d\ude00\ud800", "", "user", "tiny", "text"])
+_text = st.one_of(st.text(st.characters(codec=None, exclude_categories=()), max_size=8), _hostile_strings,
+                  st.builds(lambda a, b: a + "\udc80" + b, st.text(max_size=3), st.text(max_size=3)))
+_numbers = (st.integers() | st.sampled_from([10**400, -10**400, 2**31, 2**63, -2**63 - 1, 1 << 20])
+            | st.floats(allow_nan=True, allow_infinity=True))
+_json = st.recursive(st.none() | st.booleans() | _numbers | _text,
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+                     max_leaves=8)
+_unit = st.floats(0, 1) | st.integers(0, 1)
+_part = st.fixed_dictionaries({"type": st.just("text"), "text": _text})
+_plausible = {  # values of the right shape (strings possibly invalid Unicode), so that requests get past the types
+    "prompt": _text | st.lists(st.integers(0, 300), max_size=4) | st.lists(_text, min_size=1, max_size=1),
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                                "content": _text | st.lists(_part, max_size=2)}),
+                         min_size=1, max_size=3),
+    "max_tokens": st.integers(1, 4), "max_completion_tokens": st.integers(1, 4), "temperature": _unit,
+    "top_p": st.floats(0.01, 1), "top_k": st.integers(-1, 300), "seed": st.integers(0, 2**63 - 1),
+    "stop": _text | st.lists(_text, max_size=3), "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans(),
+                                                          "continuous_usage_stats": st.booleans()}),
+    "logprobs": st.integers(0, 3) | st.booleans(), "top_logprobs": st.integers(0, 3), "model": st.just("tiny") | _text,
+    "user": _text, "repetition_penalty": st.floats(0.5, 2), "ignore_eos": st.booleans(),
+    "return_tokens_as_token_ids": st.booleans(), "metadata": st.dictionaries(_text, _text, max_size=3),
+    "think": st.fixed_dictionaries({}, optional={"simulations": st.integers(1, 8), "decay": _unit}),
+    "simulations": st.integers(1, 8), "decay": _unit, "wait": st.booleans(), "plan_every": st.integers(1, 8),
+}
+_REQUIRED = {"/v1/completions": ("prompt",), CHAT: ("messages",), "/think": ("prompt",), "/v1/sessions": ()}
+
+
+@st.composite
+def _requests(draw) -> tuple[str, dict]:
+    """A request of one endpoint: its required fields of the right shape (strings may be invalid Unicode), and
+    up to 4 more fields, each a plausible value (twice as likely) or any JSON at all (random types, invalid
+    Unicode, huge numbers, NaN), sometimes under an unknown key."""
+    path = draw(st.sampled_from(sorted(_REQUIRED)))
+    body = {key: draw(_plausible[key]) for key in _REQUIRED[path]}
+    for key in draw(st.lists(st.sampled_from(sorted(_plausible)) | _text, max_size=4, unique=True)):
+        body[key] = draw(st.one_of(_plausible[key], _plausible[key], _json) if key in _plausible else _json)
+    return path, body
+
+
+def _short(body: dict) -> dict:
+    """Keep accepted generations short: a valid max_tokens is cut to 4, an absent one is 4."""
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if type(value) is int and value > 4:
+            body[key] = 4
+    body.setdefault("max_tokens", 4)
+    return body
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(request=_requests(), with_session=st.booleans())
+def test_any_json_body_gets_a_2xx_or_an_openai_4xx_and_creates_nothing(url, request, with_session):
+    """Random types per field, invalid Unicode, huge numbers, NaN: never a 5xx; a 4xx has the OpenAI error
+    body with a message, and a request refused with a 4xx created no session."""
+    path, body = request
+    if with_session and path != "/v1/sessions" and "session_id" not in body:
+        body["session_id"] = _SESSION.setdefault(url, httpx.post(url + "/v1/sessions", json={}).json()["id"])
+    before = sessions(url)
+    r = post(url, path, _short(body) if path != "/v1/sessions" else body)
+    assert r.status_code < 500, (r.status_code, r.text)
+    event(f"{path} {r.status_code}")  # --hypothesis-show-statistics: how many got through
+    if r.status_code >= 400:
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"]
+        assert sessions(url) == before, (path, body, r.text)
+    elif path == "/v1/sessions":
+        assert sessions(url) == before + 1
+
+
+_SESSION: dict[str, str] = {}
