@@ -154,6 +154,10 @@ class RequestHandle:
         self.submitted = time.monotonic()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
+        # Set by the engine at admission, before the first event is sent (usage while streaming): the prompt as
+        # usage counts it (session history included) and the tokens of it already in the start state.
+        self.prompt_tokens: int | None = None
+        self.cached_tokens = 0
 
     def cancel(self) -> None:
         """Ask the engine to drop the request; it leaves the batch within one step and still ends with a FinishEvent."""

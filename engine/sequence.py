@@ -57,6 +57,7 @@ class ActiveSequence:
         self.state, self.to_feed = start, to_feed
         self.cached = consumed
         self.prompt_tokens = consumed + len(to_feed)
+        self.handle.cached_tokens, self.handle.prompt_tokens = consumed, self.prompt_tokens
         self.generator = self.req.params.make_generator()
         if self.req.params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab, dtype=torch.bool)

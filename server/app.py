@@ -38,7 +38,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
         finally:
             await serving.shutdown()
 
-    app = FastAPI(title="CRSM serve", version="0.1.0", lifespan=lifespan)
+    # The documentation routes are ours (server/routes/docs.py): behind the API keys when set.
+    app = FastAPI(title="CRSM serve", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None)
     app.state.serving = serving
     install_error_handlers(app)
     app.add_middleware(_LimitsAndErrorCounts, metrics=serving.metrics, max_body_bytes=config.max_body_bytes)

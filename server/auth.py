@@ -1,8 +1,15 @@
-"""API-key auth as a dependency: who the caller is, for session ownership."""
+"""API-key auth as dependencies: who the caller is (for session ownership), and who may read metrics and docs.
+
+A key is read from ``Authorization: Bearer <key>`` exactly: one space after the scheme, the key as configured
+(``Bearer  key `` is refused, not trimmed). Keys are compared in constant time against every configured key.
+Every 401 carries ``WWW-Authenticate: Bearer``.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+from collections.abc import Iterable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,17 +18,60 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from server.errors import APIError
 
 _bearer = HTTPBearer(auto_error=False, description="an API key, when the server was started with --api-key")
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def owner_of(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-             ) -> str | None:
-    """The caller's identity (a hash of its key); None when the server has no keys; 401 without a valid key."""
+def presented_key(request: Request) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header, taken as sent (no trimming); None without one."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, key = header.partition(" ")
+    return key if scheme.lower() == "bearer" and key else None
+
+
+def key_matches(key: str | None, keys: Iterable[str]) -> bool:
+    """Whether ``key`` is one of ``keys``, compared in constant time with each of them (no early exit)."""
+    if key is None:
+        return False
+    presented = key.encode("utf-8", "surrogateescape")
+    found = False
+    for candidate in keys:
+        found |= hmac.compare_digest(presented, candidate.encode("utf-8", "surrogateescape"))
+    return found
+
+
+def _refuse(what: str) -> APIError:
+    return APIError(401, f"missing or invalid {what} (send 'Authorization: Bearer <key>')", code="invalid_api_key",
+                    headers=dict(CHALLENGE))
+
+
+def owner_of(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str | None:
+    """The caller's identity (a hash of its key); None when the server has no keys; 401 without a valid key.
+
+    (``_bearer`` documents the scheme in ``/openapi.json``; the header is read strictly by :func:`presented_key`.)
+    """
     keys = request.app.state.serving.config.api_keys
     if not keys:
         return None
-    if credentials is None or credentials.credentials not in keys:
-        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
-    return hashlib.sha256(credentials.credentials.encode()).hexdigest()[:16]
+    key = presented_key(request)
+    if not key_matches(key, keys):
+        raise _refuse("API key")
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 Owner = Annotated[str | None, Depends(owner_of)]
+
+
+def metrics_access(request: Request) -> None:
+    """``/metrics``: open, or with ``--metrics-api-key`` that key as a bearer token."""
+    key = request.app.state.serving.config.metrics_api_key
+    if key and not key_matches(presented_key(request), (key,)):
+        raise _refuse("metrics API key")
+
+
+def docs_access(request: Request) -> None:
+    """``/openapi.json``, ``/docs``, ``/redoc``: open, or with API keys one of them."""
+    keys = request.app.state.serving.config.api_keys
+    if keys and not key_matches(presented_key(request), keys):
+        raise _refuse("API key")

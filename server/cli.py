@@ -48,6 +48,8 @@ OPTIONS = [
            "seconds between keep-alive comments on a quiet SSE stream (a /think waiting on its plan), for proxies"),
     Option("--api-key", str, "", "comma-separated API keys; when set, requests need 'Authorization: Bearer <key>'"),
     Option("--api-keys-file", str, "", "file with one API key per line (added to --api-key)"),
+    Option("--metrics-api-key", str, "", "when set, /metrics needs 'Authorization: Bearer <this key>' "
+                                         "(the API keys do not open it)"),
     Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
     Option("--threads", int, 0, "torch CPU threads of the engine (0: torch's default, less the planner workers' threads)"),
     Option("--planner-workers", int, 1, "planner worker processes for requests that think (0: no planner)"),
@@ -122,6 +124,7 @@ def build(args: argparse.Namespace):
         engine.attach_planner(pool)
     config = ServerConfig(model_name=name, default_max_tokens=args.default_max_tokens,
                           max_body_bytes=args.max_body_bytes, api_keys=load_api_keys(args),
+                          metrics_api_key=args.metrics_api_key.strip(),
                           sse_ping_seconds=args.sse_ping_seconds, checkpoint_verified=loaded.verified)
     app = create_app(engine, loaded.tokenizer, ChatTemplate.for_checkpoint(loaded.tokenizer, args.checkpoint), config,
                      metrics, planner=pool)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.responses import ErrorBody
+from server.schemas import is_union_tag
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,16 @@ class APIError(Exception):
         self.headers = headers
 
 
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` safe to send back: unpaired surrogates (which JSON bodies can carry) escaped, cut to ``limit``."""
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {"error": {"message": printable(message), "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": None if param is None else printable(param), "code": code}}
 
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
@@ -50,18 +58,21 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+def _field_path(loc: tuple) -> str:
+    """An error's location as the ``param`` a client reads (``messages.0.content``): no ``body`` prefix, no
+    branch labels of shaped unions, keys the client sent shortened and escaped."""
+    parts = loc[1:] if loc[:1] == ("body",) else loc
+    return ".".join(printable(str(p), 64) for p in parts if not is_union_tag(p))
+
+
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-    if first.get("type") == "json_invalid":
+    if errors[0].get("type") == "json_invalid":
         return "request body is not valid JSON", None
-    param = ".".join(loc) or None
-    messages = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors[:5]
-    )
+    param = _field_path(tuple(errors[0].get("loc", ()))) or None
+    messages = "; ".join(f"{_field_path(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5])
     return messages, param
 
 

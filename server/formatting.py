@@ -35,6 +35,7 @@ from server.responses import (
 SSE_DONE = b"data: [DONE]\n\n"
 _TEXT_MARK = "\x00crsm-text\x00"
 _LOGPROBS_MARK = "\x00crsm-logprobs\x00"
+_USAGE_MARK = "\x00crsm-usage\x00"
 
 
 def sse(payload: dict, event: str | None = None) -> bytes:
@@ -48,30 +49,46 @@ def sse_model(model: BaseModel, event: str | None = None) -> bytes:
 
 
 class ChunkTemplate:
-    """A chunk serialised once with markers where the text and the logprobs go; a token only JSON-escapes its text.
+    """A chunk serialised once with markers where the text, the logprobs and the usage go; a token only
+    JSON-escapes its text (and formats its usage numbers when they are asked for).
 
     ``text_path`` leads to the choice's text in the chunk's JSON; the choice's ``logprobs`` sits beside the
-    first key of that path (``choices[0].logprobs``) and comes after the text on the wire.
+    first key of that path (``choices[0].logprobs``) and comes after the text on the wire; ``usage`` (with
+    ``with_usage``: ``stream_options.continuous_usage_stats``) is the chunk's last key.
     """
 
-    def __init__(self, chunk: BaseModel, text_path: tuple):
+    def __init__(self, chunk: BaseModel, text_path: tuple, with_usage: bool = False):
         data = chunk.model_dump(mode="json")
         node = data
         for key in text_path[:-1]:
             node = node[key]
         node[text_path[-1]] = _TEXT_MARK
         data[text_path[0]][text_path[1]]["logprobs"] = _LOGPROBS_MARK
+        if with_usage:
+            assert "usage" not in data, "usage is the last key of a chunk, added here"
+            data["usage"] = _USAGE_MARK
         head, _, rest = sse(data).partition(json.dumps(_TEXT_MARK).encode())
         mid, _, tail = rest.partition(json.dumps(_LOGPROBS_MARK).encode())
         assert tail, "the text comes before the logprobs in a chunk"
-        self._head, self._mid, self._tail = head, mid, tail
+        tail, _, end = tail.partition(json.dumps(_USAGE_MARK).encode())
+        assert bool(end) == with_usage, "the usage comes after the logprobs"
+        self._head, self._mid, self._tail, self._end = head, mid, tail, end
         self._no_logprobs = mid + b"null" + tail
 
-    def render(self, text: str, logprobs: dict | None = None) -> bytes:
+    def render(self, text: str, logprobs: dict | None = None, usage: bytes = b"") -> bytes:
+        """One chunk; ``usage``: :func:`usage_json`, when the template was made ``with_usage``."""
         if logprobs is None:
-            return self._head + json.dumps(text).encode() + self._no_logprobs
+            return self._head + json.dumps(text).encode() + self._no_logprobs + usage + self._end
         lp = json.dumps(logprobs, separators=(",", ":")).encode()
-        return self._head + json.dumps(text).encode() + self._mid + lp + self._tail
+        return self._head + json.dumps(text).encode() + self._mid + lp + self._tail + usage + self._end
+
+
+def usage_json(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> bytes:
+    """A :class:`server.responses.Usage` without ``think`` as compact JSON, formatted without pydantic (one per
+    streamed token with ``continuous_usage_stats``)."""
+    return b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,"prompt_tokens_details":' \
+           b'{"cached_tokens":%d}}' % (prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
+                                        cached_tokens)
 
 
 def finish_reason(event: FinishEvent) -> str:
@@ -113,8 +130,8 @@ class OpenAIFormat:
     def response(self, events: list[TokenEvent], final: FinishEvent, with_logprobs: bool) -> BaseModel:
         raise NotImplementedError
 
-    def head(self) -> bytes:
-        """Frames before the first token."""
+    def head(self, usage: Usage | None = None) -> bytes:
+        """Frames before the first token (``usage``: with ``continuous_usage_stats``)."""
         return b""
 
     # Shared ---------------------------------------------------------------------
@@ -122,11 +139,12 @@ class OpenAIFormat:
         return self.chunk_model(id=self.id, created=self.created, model=self.model, choices=choices,
                                 session_id=self.session_id, usage=usage)
 
-    def template(self) -> ChunkTemplate:
-        return ChunkTemplate(self.chunk([self.choice("", None, None)]), self.text_path)
+    def template(self, with_usage: bool = False) -> ChunkTemplate:
+        return ChunkTemplate(self.chunk([self.choice("", None, None)]), self.text_path, with_usage)
 
-    def final_chunk(self, event: FinishEvent) -> BaseModel:
-        return self.chunk([self.choice(event.text or None, None, finish_reason(event))])
+    def final_chunk(self, event: FinishEvent, with_usage: bool = False) -> BaseModel:
+        return self.chunk([self.choice(event.text or None, None, finish_reason(event))],
+                          usage_of(event) if with_usage else None)
 
     def usage_chunk(self, event: FinishEvent) -> BaseModel:
         return self.chunk([], usage_of(event))
@@ -164,9 +182,9 @@ class ChatFormat(OpenAIFormat):
     def choice(self, text: str | None, logprobs: dict | None, reason: str | None) -> ChatChunkChoice:
         return ChatChunkChoice(delta=ChatDelta(content=text), logprobs=logprobs, finish_reason=reason)
 
-    def head(self) -> bytes:
+    def head(self, usage: Usage | None = None) -> bytes:
         first = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""), logprobs=None, finish_reason=None)
-        return sse_model(self.chunk([first]))
+        return sse_model(self.chunk([first], usage))
 
     def logprobs(self, events: list[TokenEvent], offset: int) -> dict:
         def entry(tid: int, lp: float) -> dict:

@@ -105,7 +105,8 @@ class Completion(_Body):
     model: str
     choices: list[CompletionChoice]
     session_id: str | None = _optional("extension: the session this request continued")
-    usage: Usage | None = _optional("always on a response; on the last chunk of a stream with include_usage")
+    usage: Usage | None = _optional("always on a response; in a stream, on the last chunk with include_usage, and "
+                                    "on every chunk (completion tokens so far) with continuous_usage_stats")
 
 
 # Chat ---------------------------------------------------------------------------------
@@ -128,7 +129,8 @@ class ChatCompletionChunk(_Body):
     model: str
     choices: list[ChatChunkChoice]
     session_id: str | None = _optional("extension: the session this request continued")
-    usage: Usage | None = _optional("on the last chunk of a stream with include_usage")
+    usage: Usage | None = _optional("on the last chunk of a stream with include_usage; on every chunk (completion "
+                                    "tokens so far) with continuous_usage_stats")
 
 
 class ChatResponseMessage(_Body):

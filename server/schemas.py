@@ -1,22 +1,101 @@
-"""Request bodies (pydantic). Field names and ranges follow OpenAI; extensions are marked."""
+"""Request bodies (pydantic). Field names and ranges follow OpenAI; extensions are marked.
+
+Hostile input is refused here, in one place, with a 400 naming the field:
+
+- every body is strict (:class:`_Request`): no string-to-bool or string-to-number coercion, a bool is not a
+  number, an int field takes only ints; a float field takes ints too (JSON has one number type; the openai
+  client sends ``"temperature": 1``); floats must be finite (no ``NaN``/``Infinity``, which Python's JSON
+  parser reads);
+- every string the API accepts is :data:`Text`: valid Unicode. JSON may carry an unpaired surrogate
+  (``"\\ud800"``), which no tokenizer can encode and no response can echo; it is rejected, not replaced, so
+  the server never generates from text the client did not send;
+- every number and every list has an upper bound, so absurd values never reach the engine (which still
+  checks what depends on the model: ``max_tokens`` against the context, ``top_k`` against the vocabulary).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    field_validator,
+)
 
 from engine.thinking import ThinkParams
 
+MAX_TOKENS = 1 << 31  # max_tokens / max_completion_tokens; the engine then holds them to the context limit
+MAX_TOP_K = 1 << 20  # the engine then holds top_k to the vocabulary
+MAX_TOKEN_ID = (1 << 31) - 1
+MAX_PROMPT_IDS = 1 << 20  # token ids in one prompt (the body limit and the context limit come first in practice)
+MAX_STOPS, MAX_STOP_CHARS = 8, 1024
+MAX_MESSAGES = 4096
+MAX_NAME_CHARS = 256  # model, session_id, user
+MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS = 64, 256  # the store caps the whole at 16 KiB of JSON (413)
 
-class StreamOptions(BaseModel):
+
+def _valid_unicode(value: str) -> str:
+    """Refuse unpaired surrogates: JSON can carry them (``"\\ud800"``) but they are not text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"must be valid Unicode: unpaired surrogate at character {exc.start}") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+"""Every string the API accepts: valid Unicode (see the module's docstring)."""
+Name = Annotated[Text, StringConstraints(max_length=MAX_NAME_CHARS)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
+
+
+def is_union_tag(loc_part: object) -> bool:
+    """A branch label of :func:`_shaped` in an error's location (left out of the ``param`` a 400 names)."""
+    return isinstance(loc_part, str) and loc_part.startswith("<") and loc_part.endswith(">")
+
+
+def _shaped(what: str, text: Any = None, strings: Any = None, items: Any = None) -> Any:
+    """A union picked by the value's JSON shape (a string, a list of strings, another list), so that an error
+    names the one branch the value was meant for (a plain union reports every branch)."""
+    branches = {"<string>": text, "<strings>": strings, "<list>": items}
+
+    def shape(value: Any) -> str | None:
+        if isinstance(value, str):
+            return "<string>" if text is not None else None
+        if isinstance(value, list):
+            if strings is not None and value and all(isinstance(x, str) for x in value):
+                return "<strings>"
+            return "<list>" if items is not None else "<strings>" if strings is not None else None
+        return None
+
+    members = tuple(Annotated[t, Tag(tag)] for tag, t in branches.items() if t is not None)
+    return Annotated[Union[members], Discriminator(shape, custom_error_type="invalid_type",  # noqa: UP007
+                                                   custom_error_message=f"Input should be {what}")]
+
+
+class _Request(BaseModel):
+    """Base of every request body: strict types and finite floats (see the module's docstring)."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="extension (vLLM): every streamed chunk carries usage "
+                                                            "(prompt, completion so far, total)")
 
 
 _THINK = ThinkParams()  # the engine's defaults are the API's
 
 
-class ThinkOptions(BaseModel):
+class ThinkOptions(_Request):
     """Deliberation settings (extension): the ``think`` object, or the top-level fields of ``/think``."""
 
     model_config = ConfigDict(extra="forbid")
@@ -39,47 +118,51 @@ class ThinkOptions(BaseModel):
 THINK_FIELDS = tuple(ThinkOptions.model_fields)
 
 
-class _GenerationFields(BaseModel):
+class _GenerationFields(_Request):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    model: Name | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="extension: 0 or -1 means no limit")
+    top_k: int = Field(0, ge=-1, le=MAX_TOP_K, description="extension: 0 or -1 means no limit")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(None, validate_default=True)
+    stop: _shaped("a string or a list of strings", text=Text, strings=list[Text]) | None = Field(
+        None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
-    session_id: str | None = Field(None, description="extension: continue this session's cached state")
+    session_id: Name | None = Field(None, description="extension: continue this session's cached state")
     ignore_eos: bool = Field(False, description="extension")
     return_tokens_as_token_ids: bool = Field(False, description="extension (vLLM): logprob tokens read token_id:N")
-    user: str | None = None
+    user: Name | None = None
     think: ThinkOptions | None = Field(None, description="extension: deliberate with the planner while generating")
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 8:
-            raise ValueError("at most 8 stop strings")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
         return stops
 
 
 class CompletionRequest(_GenerationFields):
-    prompt: str | list[int] | list[str] = Field(..., description="a string, one-element list of strings, or token ids")
+    prompt: _shaped("a string, a list of one string or a list of token ids", text=Text, strings=list[Text],
+                    items=TokenIds) = Field(..., description="a string, one-element list of strings, or token ids")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[int] | list[str]) -> str | list[int]:
+    def _one_prompt(cls, v):
         if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
             if len(v) != 1:
                 raise ValueError("only one prompt per request is supported")
@@ -87,14 +170,15 @@ class CompletionRequest(_GenerationFields):
         return v
 
 
-class ContentPart(BaseModel):
+class ContentPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Request):
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: _shaped("a string or a list of content parts", text=Text,
+                     items=Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)]) | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -103,10 +187,10 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_GenerationFields):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
 
 
 class ThinkRequest(_GenerationFields, ThinkOptions):
@@ -114,13 +198,16 @@ class ThinkRequest(_GenerationFields, ThinkOptions):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str | list[int] = Field("", description="text or token ids; may be empty when continuing a session")
+    prompt: _shaped("a string or a list of token ids", text=Text, items=TokenIds) = Field(
+        "", description="text or token ids; may be empty when continuing a session")
 
     def think_options(self) -> ThinkOptions:
         return ThinkOptions(**{name: getattr(self, name) for name in THINK_FIELDS})
 
 
-class SessionCreateRequest(BaseModel):
+class SessionCreateRequest(_Request):
     model_config = ConfigDict(extra="forbid")
 
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: Annotated[dict[Annotated[Text, StringConstraints(max_length=MAX_METADATA_KEY_CHARS)], Text],
+                        Field(max_length=MAX_METADATA_KEYS)] = Field(
+        default_factory=dict, description=f"at most {MAX_METADATA_KEYS} string keys and values, 16 KiB as JSON")

@@ -48,6 +48,7 @@ class ServerConfig:
     default_max_tokens: int = 256
     max_body_bytes: int = 8 << 20
     api_keys: frozenset[str] = field(default_factory=frozenset)
+    metrics_api_key: str = ""  # when set, /metrics needs it as a bearer token
     retry_after_seconds: int = 1
     sse_ping_seconds: float = 15.0  # keep-alive comment on a quiet stream (proxies close idle connections)
     drain_seconds: float = 3.0  # on shutdown, streams may finish for this long; then they are cancelled

@@ -22,8 +22,17 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from engine.requests import FinishEvent, TokenEvent
 from engine.thinking import ThoughtEvent
 from server.errors import error_body
-from server.formatting import SSE_DONE, OpenAIFormat, finish_reason, sse, sse_model, thought_of, usage_of
-from server.responses import ThinkDone
+from server.formatting import (
+    SSE_DONE,
+    OpenAIFormat,
+    finish_reason,
+    sse,
+    sse_model,
+    thought_of,
+    usage_json,
+    usage_of,
+)
+from server.responses import PromptTokensDetails, ThinkDone, Usage
 from server.serving import Generation, Serving
 
 DISCONNECT_POLL_SECONDS = 0.25
@@ -99,27 +108,46 @@ def engine_error(event: FinishEvent) -> dict:
     return error_body(500, event.error or "generation failed", code="engine_error")
 
 
-async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, include_usage: bool
-                        ) -> AsyncIterator[bytes]:
+async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, include_usage: bool,
+                        continuous_usage: bool = False) -> AsyncIterator[bytes]:
     """The SSE body of a streamed completion or chat completion: token chunks from one template, then exactly
-    one final chunk (or error event), the usage chunk when asked for, and ``[DONE]``."""
-    template, with_logprobs, observe = fmt.template(), gen.logprobs is not None, serving.observe
-    head = fmt.head()
-    if head:
-        yield head
-    last, offset = [0.0], 0
+    one final chunk (or error event), the usage chunk when asked for, and ``[DONE]``.
+
+    ``continuous_usage`` (``stream_options.continuous_usage_stats``, vLLM's extension): every chunk carries
+    ``usage`` with the completion tokens so far. The chat head (the role chunk) then waits for the first
+    events, by which time the engine has admitted the request and counted its prompt (session included)."""
+    template, with_logprobs, observe = fmt.template(continuous_usage), gen.logprobs is not None, serving.observe
+    handle = gen.handle
+    if not continuous_usage:
+        head = fmt.head()
+        if head:
+            yield head
+    last, offset, produced, head_due = [0.0], 0, 0, continuous_usage
     async for batch in batches(gen):
         out: list[bytes] = []
+        if head_due:  # the first batch: the head, with the prompt counted
+            head_due = False
+            prompt = handle.prompt_tokens if handle.prompt_tokens is not None else len(handle.request.prompt_ids)
+            head = fmt.head(Usage(prompt_tokens=prompt, completion_tokens=0, total_tokens=prompt,
+                                  prompt_tokens_details=PromptTokensDetails(cached_tokens=handle.cached_tokens)))
+            if head:
+                out.append(head)
         for event in batch:
             observe(gen, event, last)
             if isinstance(event, TokenEvent):
+                produced += 1
+                if not (with_logprobs or event.text):
+                    continue
+                usage = usage_json(handle.prompt_tokens or 0, produced, handle.cached_tokens) \
+                    if continuous_usage else b""
                 if with_logprobs:
-                    out.append(template.render(event.text, fmt.logprobs([event], offset)))
+                    out.append(template.render(event.text, fmt.logprobs([event], offset), usage))
                     offset += len(event.text)
-                elif event.text:
-                    out.append(template.render(event.text))
+                else:
+                    out.append(template.render(event.text, None, usage))
             elif isinstance(event, FinishEvent):
-                out.append(sse(engine_error(event)) if event.reason == "error" else sse_model(fmt.final_chunk(event)))
+                out.append(sse(engine_error(event)) if event.reason == "error"
+                           else sse_model(fmt.final_chunk(event, continuous_usage)))
                 if include_usage:
                     out.append(sse_model(fmt.usage_chunk(event)))
                 out.append(SSE_DONE)

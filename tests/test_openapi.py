@@ -186,6 +186,41 @@ def test_stream_chunks_match_the_models(url, path, body, model):
         assert all(c.session_id == extra.get("session_id") for c in chunks)
 
 
+@pytest.mark.parametrize("path, body, model", [
+    ("/v1/completions", {"prompt": "hi"}, R.Completion),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 1}, R.Completion),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, R.ChatCompletionChunk),
+])
+def test_continuous_usage_stats_put_usage_on_every_chunk(url, path, body, model):
+    """vLLM's extension: each chunk's usage counts the completion tokens so far; the final chunk's usage and
+    the usage chunk agree with them."""
+    session = httpx.post(url + "/v1/sessions", json={}).json()["id"]
+    for extra in ({}, {"session_id": session}, {"session_id": session}):
+        request = {"max_tokens": 6, "ignore_eos": True, "stream": True, **body, **extra,
+                   "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        with httpx.stream("POST", url + path, json=request, timeout=60) as r:
+            events = sse_data(r)
+        assert events[-1] == ("message", "[DONE]")
+        chunks = [exact(model, data) for _, data in events[:-1]]
+        assert all(c.usage is not None for c in chunks)
+        final = chunks[-1].usage
+        assert final.completion_tokens == 6 and chunks[-2].usage == final  # the finish chunk, the usage chunk
+        counts = [c.usage.completion_tokens for c in chunks]
+        assert counts == sorted(counts) and counts[-3] <= 6
+        for c in chunks:
+            assert (c.usage.prompt_tokens, c.usage.prompt_tokens_details) == (final.prompt_tokens,
+                                                                               final.prompt_tokens_details)
+            assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+        if model is R.ChatCompletionChunk:
+            assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].usage.completion_tokens == 0
+        if "session_id" in extra:
+            assert final.prompt_tokens > final.prompt_tokens_details.cached_tokens
+    without = dict(request, stream_options={"continuous_usage_stats": True}, session_id=None)
+    with httpx.stream("POST", url + path, json=without, timeout=60) as r:
+        chunks = [exact(model, data) for _, data in sse_data(r)[:-1]]
+    assert chunks[-1].choices and all(c.usage is not None for c in chunks)  # no usage chunk without include_usage
+
+
 # SSE keep-alive and shutdown -------------------------------------------------------------------------------
 def test_keep_alive_pings_and_one_final_event(checkpoint):
     openai = pytest.importorskip("openai")

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
 from server.auth import Owner
 from server.errors import APIError, error_responses
 from server.formatting import ChatFormat, CompletionFormat, OpenAIFormat
 from server.responses import ChatCompletion, ChatCompletionChunk, Completion, ErrorBody
+from server.routes.router import Router
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.serving import Generation, Serving, ServingDep
 from server.streaming import collect, event_stream, openai_events, sse_doc
 
-router = APIRouter(tags=["openai"])
+router = Router(tags=["openai"])
 GENERATION_ERRORS = error_responses(400, 401, 404, 409, 413, 429, 500, 503)
 
 
 async def _respond(srv: Serving, gen: Generation, body, fmt: OpenAIFormat, request: Request):
     """SSE chunks when ``stream``, else the whole response once the request finishes."""
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return event_stream(srv, gen, openai_events(srv, gen, fmt, include_usage))
+        options = body.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous_usage = options is not None and options.continuous_usage_stats
+        return event_stream(srv, gen, openai_events(srv, gen, fmt, include_usage, continuous_usage))
     events, final = await collect(srv, gen, request)
     if final.reason == "error":
         raise APIError(500, final.error or "generation failed", code="engine_error")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import Depends
 from fastapi.responses import JSONResponse, Response
 
-from server.auth import Owner
+from server.auth import Owner, metrics_access
 from server.errors import error_body, error_responses
 from server.responses import Health, ModelList, Ready
+from server.routes.router import Router
 from server.serving import ServingDep
 
-router = APIRouter(tags=["ops"])
+router = Router(tags=["ops"])
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -30,9 +31,9 @@ async def ready(srv: ServingDep):
     return Ready(model=srv.config.model_name)
 
 
-@router.get("/metrics", response_class=Response,
+@router.get("/metrics", response_class=Response, dependencies=[Depends(metrics_access)],
             responses={200: {"content": {PROMETHEUS: {"schema": {"type": "string"}}},
-                             "description": "Prometheus text exposition format"}})
+                             "description": "Prometheus text exposition format"}, **error_responses(401)})
 async def metrics(srv: ServingDep) -> Response:
     return Response(srv.metrics.render(), media_type=PROMETHEUS)
 

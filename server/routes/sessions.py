@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-
+from engine.sessions import SessionTooLarge
 from server.auth import Owner
-from server.errors import error_responses
+from server.errors import APIError, error_responses
 from server.responses import SessionDeleted, SessionInfo
+from server.routes.router import Router
 from server.schemas import SessionCreateRequest
 from server.serving import ServingDep, session_or_404
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+router = Router(prefix="/v1/sessions", tags=["sessions"])
 SESSION_ERRORS = error_responses(401, 404, 409, 413)
 
 
 @router.post("", response_model=SessionInfo, responses=error_responses(400, 401, 413))
 async def create_session(owner: Owner, srv: ServingDep, body: SessionCreateRequest | None = None):
     """A new, empty session; continue it by sending ``session_id`` with a completion."""
-    return srv.engine.sessions.create(owner, metadata=(body.metadata if body else {})).describe()
+    try:
+        return srv.engine.sessions.create(owner, metadata=(body.metadata if body else {})).describe()
+    except SessionTooLarge as exc:  # nothing was created
+        raise APIError(413, str(exc), param="metadata") from None
 
 
 @router.get("/{session_id}", response_model=SessionInfo, responses=SESSION_ERRORS)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter
 from sse_starlette import EventSourceResponse
 
 from server.auth import Owner
 from server.errors import error_responses
 from server.responses import ErrorBody, ThinkDone, ThinkThought, ThinkToken
+from server.routes.router import Router
 from server.schemas import ThinkRequest
 from server.serving import ServingDep
 from server.streaming import event_stream, sse_doc, think_events
 
-router = APIRouter(tags=["think"])
+router = Router(tags=["think"])
 
 
 @router.post("/think", response_class=EventSourceResponse,
