@@ -43,7 +43,9 @@ OPTIONS = [
     Option("--session-bytes", int, 1 << 30, "byte budget of cached session states (LRU eviction past it)"),
     Option("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
     Option("--prefix-cache-bytes", int, 256 << 20, "byte budget of the automatic chat prefix cache"),
-    Option("--max-body-bytes", int, 8 << 20, "largest request body accepted (413 above it)"),
+    Option("--max-body-bytes", int, 8 << 20, "largest request body accepted (413 above it), counted as it arrives"),
+    Option("--body-timeout", float, 30.0,
+           "seconds a request body may take to arrive whole after its headers; past it 408 and the connection closed"),
     Option("--sse-ping-seconds", float, 15.0,
            "seconds between keep-alive comments on a quiet SSE stream (a /think waiting on its plan), for proxies"),
     Option("--api-key", str, "", "comma-separated API keys; when set, requests need 'Authorization: Bearer <key>'"),
@@ -121,7 +123,8 @@ def build(args: argparse.Namespace):
     if pool is not None:
         engine.attach_planner(pool)
     config = ServerConfig(model_name=name, default_max_tokens=args.default_max_tokens,
-                          max_body_bytes=args.max_body_bytes, api_keys=load_api_keys(args),
+                          max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
+                          api_keys=load_api_keys(args),
                           sse_ping_seconds=args.sse_ping_seconds, checkpoint_verified=loaded.verified)
     app = create_app(engine, loaded.tokenizer, ChatTemplate.for_checkpoint(loaded.tokenizer, args.checkpoint), config,
                      metrics, planner=pool)
@@ -138,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.planner_simulator not in ("auto", "dynamics", "backbone"):
         print(f"error: --planner-simulator must be auto, dynamics or backbone, not {args.planner_simulator!r}",
               file=sys.stderr)
+        return 2
+    if not args.body_timeout > 0:
+        print(f"error: --body-timeout must be a positive number of seconds, not {args.body_timeout}", file=sys.stderr)
         return 2
     from engine.chat import ChatTemplateError
     from engine.checkpoint import CheckpointError
