@@ -44,6 +44,8 @@ OPTIONS = [
     Option("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
     Option("--prefix-cache-bytes", int, 256 << 20, "byte budget of the automatic chat prefix cache"),
     Option("--max-body-bytes", int, 8 << 20, "largest request body accepted (413 above it), counted as it arrives"),
+    Option("--header-timeout", float, 10.0,
+           "seconds a connection may take to send a request's headers; past it the connection is closed"),
     Option("--body-timeout", float, 30.0,
            "seconds a request body may take to arrive whole after its headers; past it 408 and the connection closed"),
     Option("--sse-ping-seconds", float, 15.0,
@@ -142,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --planner-simulator must be auto, dynamics or backbone, not {args.planner_simulator!r}",
               file=sys.stderr)
         return 2
-    if not args.body_timeout > 0:
-        print(f"error: --body-timeout must be a positive number of seconds, not {args.body_timeout}", file=sys.stderr)
-        return 2
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not value > 0:
+            print(f"error: {flag} must be a positive number of seconds, not {value}", file=sys.stderr)
+            return 2
     from engine.chat import ChatTemplateError
     from engine.checkpoint import CheckpointError
 
@@ -155,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
+    from server.limits import header_timeout_protocol
+
     # Streams drain for drain_seconds on SIGTERM, then end with their final event: uvicorn must wait that long.
     grace = math.ceil(app.state.serving.config.drain_seconds) + 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=grace)
+    metrics = app.state.serving.metrics
+    protocol = header_timeout_protocol(args.header_timeout, lambda: metrics.slow_client("headers"))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=grace,
+                http=protocol)
     return 0

@@ -5,6 +5,8 @@
   whole within ``ServerConfig.body_timeout`` of its headers (408), and every answer >= 400 is counted by status.
   Any answer sent before the request body was read whole carries ``Connection: close``, so uvicorn closes the
   connection after it instead of reading (and discarding) the rest of the body.
+* :func:`header_timeout_protocol`: uvicorn's h11 protocol with a deadline on the request headers (uvicorn has
+  none): a connection that has not completed a request's headers within the deadline is closed.
 
 It stays pure ASGI on purpose: Starlette's BaseHTTPMiddleware wraps ``receive`` and hides client disconnects
 from the endpoints, which cancel generation on them.
@@ -14,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import h11
 from fastapi.responses import JSONResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.auth import key_is_valid
 from server.errors import error_body
@@ -117,7 +122,7 @@ class _Exchange:
             message = await asyncio.wait_for(self._receive(), timeout=max(remaining, 0.0))
         except asyncio.TimeoutError:
             self.limits.metrics.slow_client("body")
-            log.info("request body of %s %s not received within %g s", self.scope["method"], self.scope["path"],
+            log.debug("request body of %s %s not received within %g s", self.scope["method"], self.scope["path"],
                      self.config.body_timeout)
             return await self._give_up(408, f"request body not received within {self.config.body_timeout:g} s",
                                        "body_timeout")
@@ -139,3 +144,57 @@ class _Exchange:
             await self.answer(status, message, code)
         return _DISCONNECT
 
+
+class _HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request's headers.
+
+    The timer runs while the client owes the headers of a request (h11's client state is IDLE): from the
+    connection's start, and from the first bytes of each later request. Between requests uvicorn's own
+    ``timeout_keep_alive`` bounds the idle connection. On expiry the transport is closed, without an answer.
+    """
+
+    header_timeout: float = 10.0
+    on_header_timeout: Callable[[], None] = staticmethod(lambda: None)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._watch_headers()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def _watch_headers(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+        else:
+            self._stop_header_timer()
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        self.on_header_timeout()
+        log.debug("closing a connection whose request headers did not arrive within %g s", self.header_timeout)
+        self.transport.close()
+
+
+def header_timeout_protocol(seconds: float, on_timeout: Callable[[], None]) -> type[H11Protocol]:
+    """An ``http=`` protocol class for ``uvicorn.run``: h11, closing connections whose request headers take longer
+    than ``seconds``; ``on_timeout()`` is called for each."""
+    return type("HeaderTimeoutH11Protocol", (_HeaderTimeoutProtocol,),
+                {"header_timeout": seconds, "on_header_timeout": staticmethod(on_timeout)})

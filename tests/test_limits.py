@@ -1,7 +1,7 @@
 """Transport-level bounds against a real server on loopback (server/limits.py).
 
 Raw sockets where a well-behaved client (httpx) cannot misbehave: chunked bodies over the limit, a body held back
-until the answer to its headers is read, bodies that stop arriving. Every wait has a deadline; no
+until the answer to its headers is read, bodies and headers that stop arriving. Every wait has a deadline; no
 test asserts how long anything took.
 """
 
@@ -25,7 +25,7 @@ DEADLINE = 15.0  # seconds a test waits for an answer or a close; the server's t
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-    with running_server(checkpoint, "--body-timeout", "1", "--max-body-bytes", "2000",
+    with running_server(checkpoint, "--header-timeout", "1", "--body-timeout", "1", "--max-body-bytes", "2000",
                         "--api-key", KEY) as base:
         yield base
 
@@ -148,3 +148,37 @@ def test_a_body_trickled_byte_by_byte_still_meets_one_deadline(url):
                 break
         answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_half_sent_headers_are_dropped_and_counted(url):
+    before = slow_clients(metrics(url), "headers")
+    with connect(url) as silent, connect(url) as half:
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n")  # and never the rest
+        assert closed_by_server(half)
+        assert closed_by_server(silent)  # a connection that sends nothing at all
+    assert slow_clients(metrics(url), "headers") == before + 2
+
+
+def test_the_header_deadline_applies_to_a_later_request_on_a_kept_alive_connection(url):
+    before = slow_clients(metrics(url), "headers")
+    with connect(url) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, headers, _ = read_response(sock)
+        assert status == 200 and headers.get("connection") != "close"
+        sock.sendall(b"GET /health HTTP/1.1\r\nHo")  # uvicorn's keep-alive timer stops at the first byte
+        assert closed_by_server(sock)
+    assert slow_clients(metrics(url), "headers") == before + 1
+
+
+def test_stalled_clients_do_not_hold_up_others(url):
+    stalled = [connect(url) for _ in range(3)]
+    try:
+        stalled[0].sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n")
+        stalled[1].sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n" + AUTH.encode()
+                           + b"Content-Length: 500\r\n\r\n{")
+        assert completion_works(url)  # served while the three stall
+        assert all(closed_by_server(sock) for sock in stalled)  # and they do not stay
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert completion_works(url)
