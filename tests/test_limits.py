@@ -125,7 +125,8 @@ def test_a_body_that_stops_arriving_gets_408_and_is_counted(url):
     before = metrics(url)
     with connect(url) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n" + AUTH.encode()
-                     + b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n" + b'{"prompt": "ab')  # 14 of 500
+                     + b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                     + b'{"prompt": "ab')  # 14 bytes of the 500 announced
         status, headers, answer = read_response(sock)
         assert status == 408
         assert json.loads(answer)["error"]["code"] == "body_timeout"
@@ -182,3 +183,26 @@ def test_stalled_clients_do_not_hold_up_others(url):
         for sock in stalled:
             sock.close()
     assert completion_works(url)
+
+
+def test_a_request_read_whole_keeps_its_connection(url):
+    """Connection: close is only for answers sent before the body was read whole."""
+    body = json.dumps({"prompt": "a", "max_tokens": 1}).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n" + AUTH.encode()
+               + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    with connect(url) as sock:
+        for _ in range(2):
+            sock.sendall(request)
+            status, headers, _ = read_response(sock)
+            assert status == 200 and headers.get("connection") != "close"
+
+
+@pytest.mark.parametrize("header, valid", [
+    ("Bearer key-a", True), ("bearer key-b", True), ("Bearer  key-a ", True), (None, False), ("", False),
+    ("Bearer", False), ("Bearer ", False), ("Basic key-a", False), ("Bearer key-c", False), ("Bearer key-", False),
+])
+def test_key_is_valid_parses_as_httpbearer(header, valid):
+    from server.auth import key_is_valid
+
+    assert key_is_valid(header, frozenset({"key-a", "key-b"})) is valid
+    assert not key_is_valid(header, frozenset())
