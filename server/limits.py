@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 UNPROTECTED_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
                                "/openapi.json"})
 UNAUTHORIZED = "missing or invalid API key (send 'Authorization: Bearer <key>')"  # as server.auth.owner_of says
-_DISCONNECT = {"type": "http.disconnect"}
 
 
 class LimitsAndErrorCounts:
@@ -114,7 +113,7 @@ class _Exchange:
     async def receive(self):
         """The app's ``receive``: the body bounded in size and in time."""
         if self.answered:
-            return _DISCONNECT
+            return {"type": "http.disconnect"}
         if self.body_done:
             return await self._receive()
         remaining = self.deadline - asyncio.get_running_loop().time()
@@ -123,7 +122,7 @@ class _Exchange:
         except asyncio.TimeoutError:
             self.limits.metrics.slow_client("body")
             log.debug("request body of %s %s not received within %g s", self.scope["method"], self.scope["path"],
-                     self.config.body_timeout)
+                      self.config.body_timeout)
             return await self._give_up(408, f"request body not received within {self.config.body_timeout:g} s",
                                        "body_timeout")
         if message["type"] != "http.request":
@@ -142,7 +141,7 @@ class _Exchange:
             self.answered = True
         else:
             await self.answer(status, message, code)
-        return _DISCONNECT
+        return {"type": "http.disconnect"}
 
 
 class _HeaderTimeoutProtocol(H11Protocol):
