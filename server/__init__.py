@@ -5,5 +5,6 @@ all over one ``serving.Serving`` object in ``app.state`` that holds the engine, 
 metrics and planner and submits generations to the engine (which owns session leases). ``schemas`` holds the request bodies,
 ``responses`` the response and stream payload models, ``formatting`` turns engine events into OpenAI objects (one
 chunk path for completions and chat), ``streaming`` the SSE plumbing (sse-starlette), ``auth`` the API-key
-dependency, ``errors`` the OpenAI error bodies, ``metrics`` the Prometheus export, ``cli`` the command line and
+dependency, ``limits`` the transport bounds (the key before the body, body size and read deadline, the header
+deadline), ``errors`` the OpenAI error bodies, ``metrics`` the Prometheus export, ``cli`` the command line and
 ``healthcheck`` the container probe."""

@@ -10,13 +10,13 @@ import contextlib
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
 from pydantic.json_schema import models_json_schema
 
 from engine.chat import ChatTemplate
 from engine.scheduler import Engine
 from engine.tokenizer import Tokenizer
-from server.errors import error_body, install_error_handlers
+from server.errors import install_error_handlers
+from server.limits import LimitsAndErrorCounts
 from server.metrics import Metrics
 from server.responses import STREAM_MODELS
 from server.routes import ROUTERS
@@ -43,7 +43,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, chat_template: ChatTemplate
                   redoc_url=None)
     app.state.serving = serving
     install_error_handlers(app)
-    app.add_middleware(_LimitsAndErrorCounts, metrics=serving.metrics, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(LimitsAndErrorCounts, metrics=serving.metrics, config=config)  # see server/limits.py
     for router in ROUTERS:
         app.include_router(router)
     app.openapi = lambda: _openapi(app)
@@ -68,29 +68,3 @@ def _openapi(app: FastAPI) -> dict:
         app.openapi_schema = schema
     return app.openapi_schema
 
-
-class _LimitsAndErrorCounts:
-    """Pure ASGI middleware: 413 for oversized bodies, error responses counted by status.
-
-    (Starlette's BaseHTTPMiddleware would wrap ``receive`` and hide client
-    disconnects from the endpoints, which cancel generation on them.)
-    """
-
-    def __init__(self, app, metrics: Metrics, max_body_bytes: int):
-        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            self.metrics.error(413)
-            response = JSONResponse(error_body(413, f"request body over {self.max_body_bytes} bytes"), status_code=413)
-            return await response(scope, receive, send)
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                self.metrics.error(message["status"])
-            await send(message)
-
-        await self.app(scope, receive, counting_send)

@@ -21,13 +21,16 @@ _bearer = HTTPBearer(auto_error=False, description="an API key, when the server 
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def presented_key(request: Request) -> str | None:
-    """The key of an ``Authorization: Bearer <key>`` header, taken as sent (no trimming); None without one."""
-    header = request.headers.get("authorization")
-    if header is None:
+def bearer_key(header_value: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` value, taken as sent (no trimming); None without one."""
+    if header_value is None:
         return None
-    scheme, _, key = header.partition(" ")
+    scheme, _, key = header_value.partition(" ")
     return key if scheme.lower() == "bearer" and key else None
+
+
+def presented_key(request: Request) -> str | None:
+    return bearer_key(request.headers.get("authorization"))
 
 
 def key_matches(key: str | None, keys: Iterable[str]) -> bool:
@@ -39,6 +42,12 @@ def key_matches(key: str | None, keys: Iterable[str]) -> bool:
     for candidate in keys:
         found |= hmac.compare_digest(presented, candidate.encode("utf-8", "surrogateescape"))
     return found
+
+
+def key_is_valid(header_value: str | None, keys: Iterable[str]) -> bool:
+    """Whether an ``Authorization`` header value carries one of ``keys`` (pure: the transport middleware,
+    :mod:`server.limits`, checks the key this way before reading the body)."""
+    return key_matches(bearer_key(header_value), keys)
 
 
 def _refuse(what: str) -> APIError:

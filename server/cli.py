@@ -43,7 +43,11 @@ OPTIONS = [
     Option("--session-bytes", int, 1 << 30, "byte budget of cached session states (LRU eviction past it)"),
     Option("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
     Option("--prefix-cache-bytes", int, 256 << 20, "byte budget of the automatic chat prefix cache"),
-    Option("--max-body-bytes", int, 8 << 20, "largest request body accepted (413 above it)"),
+    Option("--max-body-bytes", int, 8 << 20, "largest request body accepted (413 above it), counted as it arrives"),
+    Option("--header-timeout", float, 10.0,
+           "seconds a connection may take to send a request's headers; past it the connection is closed"),
+    Option("--body-timeout", float, 30.0,
+           "seconds a request body may take to arrive whole after its headers; past it 408 and the connection closed"),
     Option("--sse-ping-seconds", float, 15.0,
            "seconds between keep-alive comments on a quiet SSE stream (a /think waiting on its plan), for proxies"),
     Option("--api-key", str, "", "comma-separated API keys; when set, requests need 'Authorization: Bearer <key>'"),
@@ -123,8 +127,8 @@ def build(args: argparse.Namespace):
     if pool is not None:
         engine.attach_planner(pool)
     config = ServerConfig(model_name=name, default_max_tokens=args.default_max_tokens,
-                          max_body_bytes=args.max_body_bytes, api_keys=load_api_keys(args),
-                          metrics_api_key=args.metrics_api_key.strip(),
+                          max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
+                          api_keys=load_api_keys(args), metrics_api_key=args.metrics_api_key.strip(),
                           sse_ping_seconds=args.sse_ping_seconds, checkpoint_verified=loaded.verified)
     app = create_app(engine, loaded.tokenizer, ChatTemplate.for_checkpoint(loaded.tokenizer, args.checkpoint), config,
                      metrics, planner=pool)
@@ -142,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --planner-simulator must be auto, dynamics or backbone, not {args.planner_simulator!r}",
               file=sys.stderr)
         return 2
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not value > 0:
+            print(f"error: {flag} must be a positive number of seconds, not {value}", file=sys.stderr)
+            return 2
     from engine.chat import ChatTemplateError
     from engine.checkpoint import CheckpointError
 
@@ -152,7 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
+    from server.limits import header_timeout_protocol
+
     # Streams drain for drain_seconds on SIGTERM, then end with their final event: uvicorn must wait that long.
     grace = math.ceil(app.state.serving.config.drain_seconds) + 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=grace)
+    metrics = app.state.serving.metrics
+    protocol = header_timeout_protocol(args.header_timeout, lambda: metrics.slow_client("headers"))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=grace,
+                http=protocol)
     return 0

@@ -23,6 +23,7 @@ LAG_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 # Label values exported from the start (at zero), so dashboards and alert rules see every series.
 PLANNER_JOB_OUTCOMES = ("completed", "superseded", "overflow", "discarded", "error", "timeout")
 INJECTION_RESULTS = ("applied", "gated", "stale", "diverged", "rejected")
+SLOW_CLIENT_PHASES = ("headers", "body")
 
 
 class Metrics(EngineObserver, PlannerObserver):
@@ -54,6 +55,9 @@ class Metrics(EngineObserver, PlannerObserver):
                                 registry=r)
         self.errors = Counter("crsm_request_errors", "Error responses by HTTP status", ["model_name", "status"],
                               registry=r)
+        slow = Counter("crsm_slow_clients", "Connections dropped for sending their request too slowly, by phase",
+                       ["model_name", "phase"], registry=r)
+        self.slow_clients = {p: slow.labels(phase=p, **labels) for p in SLOW_CLIENT_PHASES}
         # Planner (System 2): jobs, search effort, and what became of each delta in the engine.
         jobs = Counter("crsm_planner_jobs", "Planner jobs by outcome", ["model_name", "outcome"], registry=r)
         self.planner_jobs = {o: jobs.labels(outcome=o, **labels) for o in PLANNER_JOB_OUTCOMES}
@@ -109,6 +113,10 @@ class Metrics(EngineObserver, PlannerObserver):
     # HTTP layer ---------------------------------------------------------
     def error(self, status: int) -> None:
         self.errors.labels(status=str(status), **self._labels).inc()
+
+    def slow_client(self, phase: str) -> None:
+        """A connection dropped because its request headers or body did not arrive in time."""
+        self.slow_clients[phase].inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

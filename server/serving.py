@@ -47,6 +47,7 @@ class ServerConfig:
     model_name: str = "crsm-default"
     default_max_tokens: int = 256
     max_body_bytes: int = 8 << 20
+    body_timeout: float = 30.0  # seconds a request body may take to arrive whole, from its headers (408 after)
     api_keys: frozenset[str] = field(default_factory=frozenset)
     metrics_api_key: str = ""  # when set, /metrics needs it as a bearer token
     retry_after_seconds: int = 1
