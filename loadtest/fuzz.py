@@ -49,6 +49,15 @@ def _failure_entries(exc: BaseException) -> list:
     return []
 
 
+def _error_param(response) -> str | None:
+    """``error.param`` (and ``code``) of an OpenAI error body, else None."""
+    try:
+        error = response.json()["error"]
+        return f"{error.get('param')}/{error.get('code')}"
+    except Exception:
+        return None
+
+
 def fuzz(url: str, *, examples: int = 50, seed: int = 0, timeout: float = 20.0, deadline: float = 600.0,
          headers: dict | None = None) -> FuzzReport:
     """Fuzz every operation of ``url``'s document; ``examples`` per operation and generation mode.
@@ -91,16 +100,18 @@ def fuzz(url: str, *, examples: int = 50, seed: int = 0, timeout: float = 20.0, 
                     case.validate_response(response, headers=headers)
                 except (Exception, BaseExceptionGroup) as exc:  # schemathesis raises its failures as one group
                     failures = _failure_entries(exc) or [exc]
+                    param = _error_param(response)
                     for f in failures:
                         title = getattr(f, "title", type(f).__name__)
-                        key = (operation.label, title, str(mode))
+                        # one entry per cause: a refusal naming another field is another failure
+                        key = (operation.label, title, str(mode), response.status_code, param)
                         if key in seen_failures:
                             continue
                         seen_failures.add(key)
                         report.failures.append({
                             "operation": operation.label, "mode": mode.value, "check": title,
                             "message": (getattr(f, "message", "") or str(f))[:500],
-                            "status": response.status_code,
+                            "status": response.status_code, "param": param,
                             "response": response.text[:300],
                             "curl": case.as_curl_command(headers=headers)[:2000],
                         })
