@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: serve test bench bench-planner loadtest train eval dashboard docker compose venv clean
+.PHONY: serve test reliability loadtool bench bench-planner loadtest train eval dashboard docker compose venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The longer reliability run (generated requests over the document, minutes of mixed load, a storm of hang-ups).
+reliability: $(STAMP)
+	$(PY) -m loadtest.reliability --out loadtest/results/reliability.json
+
+# aiperf for tests/test_loadtool.py, in a venv of its own: it pins dependencies the project's venv must not get.
+LOADTOOL := .venv-loadtool
+$(LOADTOOL)/bin/aiperf:
+	$(PYTHON) -m venv $(LOADTOOL)
+	$(LOADTOOL)/bin/python -m pip install --quiet "aiperf==0.13.0"
+
+loadtool: $(LOADTOOL)/bin/aiperf
 
 bench: $(STAMP)
 	$(PY) -m loadtest.bench_engine --out loadtest/results/bench_engine.json
@@ -60,4 +72,4 @@ compose:
 	docker compose -f deploy/compose.yaml up --build
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LOADTOOL) .pytest_cache .hypothesis

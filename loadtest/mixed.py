@@ -72,12 +72,14 @@ async def one_round(client: httpx.AsyncClient, model: str, rng: random.Random, m
 
 
 async def run_mixed(url: str, *, concurrency: int = 4, duration: float = 30.0, rounds: int | None = None,
-                    max_tokens: int = 32, think: bool = True, seed: int = 0, pause: float = 0.0) -> dict[int, int]:
+                    max_tokens: int = 32, think: bool = True, seed: int = 0, pause: float = 0.0,
+                    client_factory=httpx.AsyncClient) -> dict[int, int]:
     """Drive ``concurrency`` clients for ``duration`` seconds (or ``rounds`` rounds each); statuses seen.
 
-    ``pause`` seconds between a client's rounds leave CPU to others on a shared machine.
+    ``pause`` seconds between a client's rounds leave CPU to others on a shared machine; ``client_factory``
+    makes the client (``loadtest/reliability.py`` passes one that records every request).
     """
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(120.0)) as client:
+    async with client_factory(base_url=url, timeout=httpx.Timeout(120.0)) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         end = time.monotonic() + duration
         total: Counter = Counter()

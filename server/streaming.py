@@ -42,13 +42,20 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 def sse_doc(*models: type, done: bool = False) -> dict:
     """OpenAPI of a streamed 200: ``text/event-stream`` whose ``data:`` lines carry one of ``models`` (JSON).
 
-    The schemas live in ``components`` (``server.app`` adds every model of ``STREAM_MODELS`` there)."""
+    The media type's ``schema`` describes one event (OpenAPI 3.1 and 3.2 read it so for event streams): ``data``
+    is a string whose ``contentSchema`` is the JSON payload; ``data: [DONE]`` ends the OpenAI streams. The
+    schemas live in ``components`` (``server.app`` adds every model of ``STREAM_MODELS`` there)."""
     refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
+    payload = {"type": "string", "contentMediaType": "application/json",
+               "contentSchema": {"oneOf": refs} if len(refs) > 1 else refs[0]}
+    data = {"anyOf": [{"const": "[DONE]"}, payload]} if done else payload
+    event = {"type": "object", "required": ["data"],
+             "properties": {"event": {"type": "string"}, "data": data, "id": {"type": "string"},
+                            "retry": {"type": "integer"}}}
     what = "server-sent events whose `data:` is one of the text/event-stream schemas"
     if done:
         what = f"application/json, or with `stream: true` {what}, ending with `data: [DONE]`"
-    return {"description": what[0].upper() + what[1:],
-            "content": {"text/event-stream": {"schema": {"oneOf": refs} if len(refs) > 1 else refs[0]}}}
+    return {"description": what[0].upper() + what[1:], "content": {"text/event-stream": {"schema": event}}}
 
 
 def _ping() -> ServerSentEvent:

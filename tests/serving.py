@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,8 +43,18 @@ def running_server_process(checkpoint: Path | None, *args: str, env: dict | None
            "--planner-workers", "0", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    # Drain the pipe as the server writes: a full pipe buffer (64 KiB of warnings and tracebacks over a module's
+    # tests) would block the server's next log call, and every thread waiting on the logging lock with it.
+    tail: deque[str] = deque(maxlen=400)
+    reader = threading.Thread(target=lambda: tail.extend(proc.stdout), daemon=True, name="server-output")
+    reader.start()
+
+    def output() -> str:
+        reader.join(timeout=5)  # the process has exited: read to its end
+        return "".join(tail)
+
     url = f"http://127.0.0.1:{port}"
-    with supervised(proc, url + "/ready", timeout, "server", output=lambda: proc.stdout.read()):
+    with supervised(proc, url + "/ready", timeout, "server", output=output):
         yield url, proc
 
 
