@@ -69,7 +69,7 @@ def fuzz(url: str, *, examples: int = 50, seed: int = 0, timeout: float = 20.0, 
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
 
-    schema = schemathesis.openapi.from_url(url + "/openapi.json", timeout=timeout)
+    schema = schemathesis.openapi.from_url(url + "/openapi.json", timeout=timeout, headers=headers)
     report = FuzzReport()
     seen_failures: set[tuple[str, str, str]] = set()
     end = time.monotonic() + deadline

@@ -65,6 +65,49 @@ def _openapi(app: FastAPI) -> dict:
                                      ref_template="#/components/schemas/{model}")
         for name, model_schema in defs.get("$defs", {}).items():
             components.setdefault(name, model_schema)
+        _constraints_as_json_schema(components)
+        engine = app.state.serving.engine
+        _state_model_limits(components, vocab=engine.vocab, max_context=engine.max_context)
         app.openapi_schema = schema
     return app.openapi_schema
 
+
+
+def _state_model_limits(components: dict, vocab: int, max_context: int) -> None:
+    """Write the limits that depend on the loaded model into the request schemas (the engine enforces them):
+    ``max_tokens`` up to the context, ``top_k`` up to the vocabulary, prompt token ids below it."""
+    caps = {"max_tokens": max_context, "max_completion_tokens": max_context, "top_k": vocab}
+    for name in ("CompletionRequest", "ChatCompletionRequest", "ThinkRequest"):
+        properties = components.get(name, {}).get("properties", {})
+        for field, maximum in caps.items():
+            if field in properties:
+                _cap_integers(properties[field], maximum)
+        prompt = properties.get("prompt", {})
+        for branch in prompt.get("oneOf", prompt.get("anyOf", [prompt])):
+            if branch.get("type") == "array" and branch.get("items", {}).get("type") == "integer":
+                branch["items"]["maximum"] = vocab - 1
+
+
+def _cap_integers(node: dict, maximum: int) -> None:
+    if node.get("type") == "integer":
+        node["maximum"] = min(node.get("maximum", maximum), maximum)
+    for branch in node.get("anyOf", []) + node.get("oneOf", []):
+        _cap_integers(branch, maximum)
+
+
+_JSON_SCHEMA_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _constraints_as_json_schema(node: object) -> None:
+    """pydantic writes the bounds of a validator-wrapped number (:data:`server.schemas.Int`) as raw ``ge``/``le``
+    keys, which JSON Schema readers ignore; spell them as JSON Schema does."""
+    if isinstance(node, dict):
+        if node.get("type") in ("integer", "number"):
+            for raw, name in _JSON_SCHEMA_BOUNDS.items():
+                if raw in node:
+                    node[name] = node.pop(raw)
+        for value in node.values():
+            _constraints_as_json_schema(value)
+    elif isinstance(node, list):
+        for value in node:
+            _constraints_as_json_schema(value)

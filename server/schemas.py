@@ -3,9 +3,9 @@
 Hostile input is refused here, in one place, with a 400 naming the field:
 
 - every body is strict (:class:`_Request`): no string-to-bool or string-to-number coercion, a bool is not a
-  number, an int field takes only ints; a float field takes ints too (JSON has one number type; the openai
-  client sends ``"temperature": 1``); floats must be finite (no ``NaN``/``Infinity``, which Python's JSON
-  parser reads);
+  number; an int field (:data:`Int`) takes integers as JSON Schema counts them (``4`` and ``4.0``, not ``4.5``);
+  a float field takes ints too (JSON has one number type; the openai client sends ``"temperature": 1``);
+  floats must be finite (no ``NaN``/``Infinity``, which Python's JSON parser reads);
 - every string the API accepts is :data:`Text`: valid Unicode. JSON may carry an unpaired surrogate
   (``"\\ud800"``), which no tokenizer can encode and no response can echo; it is rejected, not replaced, so
   the server never generates from text the client did not send;
@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -49,10 +50,21 @@ def _valid_unicode(value: str) -> str:
     return value
 
 
+def _integral(value: Any) -> Any:
+    """A float with no fractional part is an integer to JSON Schema (``4.0``); strict validation does the rest.
+
+    (pydantic then writes such a field's bounds as raw ``ge``/``le``: ``server.app`` spells them as JSON Schema.)
+    """
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+"""Every integer the API accepts: an int, or a float with no fractional part (JSON Schema's ``integer``)."""
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 """Every string the API accepts: valid Unicode (see the module's docstring)."""
 Name = Annotated[Text, StringConstraints(max_length=MAX_NAME_CHARS)]
-TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+TokenId = Annotated[Int, Field(ge=0, le=MAX_TOKEN_ID)]
+StopText = Annotated[Text, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
 
 
@@ -100,15 +112,15 @@ class ThinkOptions(_Request):
 
     model_config = ConfigDict(extra="forbid")
 
-    deliberation_lag: int = Field(_THINK.deliberation_lag, ge=0, le=64,
+    deliberation_lag: Int = Field(_THINK.deliberation_lag, ge=0, le=64,
                                   description="tokens between the state a plan reads and the step it lands on")
-    simulations: int = Field(_THINK.simulations, ge=1, le=4096)
-    top_k_actions: int = Field(_THINK.top_k_actions, ge=1, le=64)
+    simulations: Int = Field(_THINK.simulations, ge=1, le=4096)
+    top_k_actions: Int = Field(_THINK.top_k_actions, ge=1, le=64)
     injection_rate: float = Field(_THINK.injection_rate, ge=0.0, le=1.0)
     min_confidence: float = Field(_THINK.min_confidence, ge=0.0, le=1.0)
-    plan_every: int = Field(_THINK.plan_every, ge=1, le=4096)
+    plan_every: Int = Field(_THINK.plan_every, ge=1, le=4096)
     time_budget_ms: float = Field(_THINK.time_budget_ms, gt=0.0, le=10000.0)
-    max_staleness: int = Field(_THINK.max_staleness, ge=0, le=256)
+    max_staleness: Int = Field(_THINK.max_staleness, ge=0, le=256)
     decay: float = Field(_THINK.decay, ge=0.0, le=1.0)
     trust_region: float = Field(_THINK.trust_region, ge=0.0, le=10.0)
     wait: bool = Field(_THINK.wait, description="bounded lag: at apply_at the sequence waits for its plan while the "
@@ -122,19 +134,21 @@ class _GenerationFields(_Request):
     model_config = ConfigDict(extra="ignore")
 
     model: Name | None = None
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_tokens: Int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, le=MAX_TOP_K, description="extension: 0 or -1 means no limit")
+    top_k: Int = Field(0, ge=-1, le=MAX_TOP_K, description="extension: 0 or -1 means no limit")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: _shaped("a string or a list of strings", text=Text, strings=list[Text]) | None = Field(
-        None, validate_default=True)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: only 0 (use repetition_penalty)")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: only 0 (use repetition_penalty)")
+    seed: Int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: _shaped("a string or a list of strings", text=StopText,
+                  strings=Annotated[list[StopText], Field(max_length=MAX_STOPS)]) | None = Field(
+        None, validate_default=True, description=f"at most {MAX_STOPS} non-empty strings of at most "
+                                                 f"{MAX_STOP_CHARS} characters")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: Int = Field(1, ge=1, le=1, description="only n=1 is supported")
     session_id: Name | None = Field(None, description="extension: continue this session's cached state")
     ignore_eos: bool = Field(False, description="extension")
     return_tokens_as_token_ids: bool = Field(False, description="extension (vLLM): logprob tokens read token_id:N")
@@ -144,30 +158,21 @@ class _GenerationFields(_Request):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop strings")
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
-        return stops
+        """One string or a list (bounded by the type), always a list for the engine."""
+        return [v] if isinstance(v, str) else list(v or [])
 
 
 class CompletionRequest(_GenerationFields):
-    prompt: _shaped("a string, a list of one string or a list of token ids", text=Text, strings=list[Text],
-                    items=TokenIds) = Field(..., description="a string, one-element list of strings, or token ids")
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    prompt: _shaped("a string, a list of one string or a list of token ids", text=Text,
+                    strings=Annotated[list[Text], Field(min_length=1, max_length=1)], items=TokenIds) = Field(..., description="a string, one-element list of strings, or token ids")
+    logprobs: Int | None = Field(None, ge=0, le=20)
+    echo: Literal[False] = Field(False, description="not supported: only false")
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v):
-        if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
-            if len(v) != 1:
-                raise ValueError("only one prompt per request is supported")
-            return v[0]
-        return v
+        """A list of one string is that string (the type allows exactly one)."""
+        return v[0] if isinstance(v, list) and v and isinstance(v[0], str) else v
 
 
 class ContentPart(_Request):
@@ -189,8 +194,8 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_GenerationFields):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: Int | None = Field(None, ge=1, le=MAX_TOKENS)
 
 
 class ThinkRequest(_GenerationFields, ThinkOptions):

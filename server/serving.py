@@ -134,9 +134,6 @@ class Serving:
             raise APIError(503, "model is loading or warming up", headers={"Retry-After": "5"})
 
     def _sampling(self, body, logprobs: int | None) -> SamplingParams:
-        if body.presence_penalty or body.frequency_penalty:
-            raise APIError(400, "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
-                           param="presence_penalty" if body.presence_penalty else "frequency_penalty")
         return SamplingParams(temperature=body.temperature, top_k=max(0, body.top_k), top_p=body.top_p,
                               repetition_penalty=body.repetition_penalty, seed=body.seed, logprobs=logprobs)
 

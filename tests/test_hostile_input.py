@@ -85,7 +85,7 @@ def test_a_session_is_not_created_by_a_refused_request(url):
     ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
      "stream_options.include_usage"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "4"}, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 4.0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4.5}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "max_tokens": True}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "temperature": "0.5"}, "temperature"),
     ("/v1/completions", {"prompt": "x", "temperature": False}, "temperature"),
@@ -98,16 +98,19 @@ def test_a_session_is_not_created_by_a_refused_request(url):
     ("/think", {"prompt": "x", "decay": False}, "decay"),
     ("/think", {"prompt": "x", "wait": "no"}, "wait"),
     ("/think", {"prompt": "x", "simulations": "8"}, "simulations"),
-    ("/v1/completions", {"prompt": "x", "think": {"plan_every": 4.0}}, "think.plan_every"),
+    ("/v1/completions", {"prompt": "x", "think": {"plan_every": 4.5}}, "think.plan_every"),
 ])
 def test_types_are_strict(url, path, body, param):
     assert_400(post(url, path, body), param)
 
 
 def test_json_numbers_still_work(url):
-    """An int where a float is expected is a JSON number like any other (the openai client sends these)."""
+    """An int where a float is expected is a JSON number like any other (the openai client sends these), and
+    an integral float is an integer as JSON Schema counts it (what /openapi.json promises)."""
     body = {"prompt": "x", "max_tokens": 2, "temperature": 1, "top_p": 1, "repetition_penalty": 1}
     assert post(url, "/v1/completions", body).status_code == 200
+    r = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2.0, "think": None, "seed": 7.0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
     chat = {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2, "temperature": 0}
     assert post(url, CHAT, chat).status_code == 200
 

@@ -19,19 +19,6 @@ from tests.serving import metric_value, running_server, running_server_process, 
 KEY = "reliability-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
-# Failures in areas other branches of the Hardening issue are fixing; anything else fails the test.
-# - "Schema-valid request rejected" (positive_data_acceptance): the request schemas do not state the bounds
-#   the server enforces (empty prompt, top_k over the vocabulary, max_tokens over --max-context, /think needs a
-#   prompt or a session): strict types and bounds in server/schemas.py.
-# - "API accepts schema-violating request" (negative_data_rejection): strict types in server/schemas.py.
-# - "Unsupported methods" (HEAD and other methods on documented paths): HEAD routes.
-OTHER_AREAS = {
-    "Schema-valid request rejected": "schemas: bounds/strict types (server/schemas.py)",
-    "API accepts schema-violating request": "schemas: strict types (server/schemas.py)",
-    "Unsupported methods": "schemas/routes: HEAD routes",
-}
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("reliability") / "tiny")
@@ -73,16 +60,16 @@ def test_generated_requests_over_every_operation(checkpoint):
     assert len(report.operations) >= 11, report.operations
     assert report.requests >= 1000, report.as_dict()
     assert report.server_errors == 0 and report.timeouts == 0, report.as_dict()
-    # A prompt that fits the schema but not --max-context once tokenized is refused by design (400
-    # context_length_exceeded): no request schema can state a limit in tokens.
-    failures = [f for f in report.failures if not (f["check"] == "Schema-valid request rejected"
-                                                   and f["param"] and f["param"].endswith("/context_length_exceeded"))]
-    ours = [f for f in failures if f["check"] not in OTHER_AREAS]
-    assert not ours, json.dumps(ours, indent=1)
-    if failures:
-        areas = sorted({f"{OTHER_AREAS[f['check']]}: {f['operation']} -> {f['status']} {f['response'][:160]}"
-                        f"\n    {f['curl'][:300]}" for f in failures})
-        pytest.xfail("failures only in areas being fixed elsewhere:\n" + "\n".join(areas))
+    # Refused by design although the schema allows them, because no request schema can state the rule:
+    # a prompt over --max-context once tokenized (400 context_length_exceeded: a limit in tokens), and an
+    # empty prompt without a session to continue (400 "the prompt is empty": valid only with session_id).
+    failures = [f for f in report.failures if not (f["check"] == "Schema-valid request rejected" and by_design(f))]
+    assert not failures, json.dumps(failures, indent=1)
+
+
+def by_design(failure: dict) -> bool:
+    return bool(failure["param"]) and (failure["param"].endswith("/context_length_exceeded")
+                                       or "the prompt is empty" in failure["response"])
 
 
 def assert_sse_events_are_checked(url: str) -> None:
@@ -91,7 +78,7 @@ def assert_sse_events_are_checked(url: str) -> None:
     import schemathesis
     from schemathesis.core.transport import Response
 
-    op = schemathesis.openapi.from_url(url + "/openapi.json")["/v1/chat/completions"]["POST"]
+    op = schemathesis.openapi.from_url(url + "/openapi.json", headers=AUTH)["/v1/chat/completions"]["POST"]
     case = op.Case(body={"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3},
                    media_type="application/json")
     real = case.call(base_url=url, headers=AUTH)

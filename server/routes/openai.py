@@ -34,8 +34,6 @@ async def _respond(srv: Serving, gen: Generation, body, fmt: OpenAIFormat, reque
              responses={200: sse_doc(Completion, ErrorBody, done=True), **GENERATION_ERRORS})
 async def completions(body: CompletionRequest, request: Request, owner: Owner, srv: ServingDep):
     """A text completion; with ``stream`` an SSE stream of chunks ending ``data: [DONE]``."""
-    if body.echo:
-        raise APIError(400, "echo is not supported", param="echo")
     gen = srv.start(body, srv.encode(body.prompt), owner, max_tokens=body.max_tokens, logprobs=body.logprobs)
     fmt = CompletionFormat(srv.config.model_name, srv.tokenizer, gen.tokens_as_ids, gen.session_id)
     return await _respond(srv, gen, body, fmt, request)
