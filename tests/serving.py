@@ -10,6 +10,8 @@ from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 from engine.checkpoint import save_checkpoint
 from engine.tokenizer import ByteTokenizer
 from loadtest.process import free_port, supervised
@@ -75,3 +77,21 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     if not found:
         raise KeyError(name)
     return total
+
+
+def complete(url: str, **body) -> dict:
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "temperature": 0, "ignore_eos": True, **body},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def token_ids(response: dict) -> list[int]:
+    """Generated ids, read from logprobs with return_tokens_as_token_ids."""
+    tokens = response["choices"][0]["logprobs"]["tokens"]
+    assert all(t.startswith("token_id:") for t in tokens)
+    return [int(t.split(":")[1]) for t in tokens]
+
+
+def ids_request(prompt, n: int, **extra) -> dict:
+    return dict(prompt=prompt, max_tokens=n, logprobs=0, return_tokens_as_token_ids=True, **extra)
