@@ -58,6 +58,25 @@ def _error_param(response) -> str | None:
         return None
 
 
+def _record(report: FuzzReport, seen: set, label: str, mode, case, response, exc: BaseException,
+            headers: dict | None) -> None:
+    """Add the failures of one response, one entry per cause (a refusal naming another field is another one)."""
+    param = _error_param(response)
+    for f in _failure_entries(exc) or [exc]:
+        title = getattr(f, "title", type(f).__name__)
+        key = (label, title, str(mode), response.status_code, param)
+        if key in seen:
+            continue
+        seen.add(key)
+        report.failures.append({
+            "operation": label, "mode": mode.value, "check": title,
+            "message": (getattr(f, "message", "") or str(f))[:500],
+            "status": response.status_code, "param": param,
+            "response": response.text[:300],
+            "curl": case.as_curl_command(headers=headers)[:2000],
+        })
+
+
 def fuzz(url: str, *, examples: int = 50, seed: int = 0, timeout: float = 20.0, deadline: float = 600.0,
          headers: dict | None = None) -> FuzzReport:
     """Fuzz every operation of ``url``'s document; ``examples`` per operation and generation mode.
@@ -68,10 +87,11 @@ def fuzz(url: str, *, examples: int = 50, seed: int = 0, timeout: float = 20.0, 
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
+    from schemathesis.core.failures import FailureGroup
 
     schema = schemathesis.openapi.from_url(url + "/openapi.json", timeout=timeout, headers=headers)
     report = FuzzReport()
-    seen_failures: set[tuple[str, str, str]] = set()
+    seen_failures: set[tuple] = set()
     end = time.monotonic() + deadline
     session = requests.Session()
     for result in schema.get_all_operations():
@@ -98,23 +118,8 @@ def fuzz(url: str, *, examples: int = 50, seed: int = 0, timeout: float = 20.0, 
                     report.server_errors += 1
                 try:
                     case.validate_response(response, headers=headers)
-                except (Exception, BaseExceptionGroup) as exc:  # schemathesis raises its failures as one group
-                    failures = _failure_entries(exc) or [exc]
-                    param = _error_param(response)
-                    for f in failures:
-                        title = getattr(f, "title", type(f).__name__)
-                        # one entry per cause: a refusal naming another field is another failure
-                        key = (operation.label, title, str(mode), response.status_code, param)
-                        if key in seen_failures:
-                            continue
-                        seen_failures.add(key)
-                        report.failures.append({
-                            "operation": operation.label, "mode": mode.value, "check": title,
-                            "message": (getattr(f, "message", "") or str(f))[:500],
-                            "status": response.status_code, "param": param,
-                            "response": response.text[:300],
-                            "curl": case.as_curl_command(headers=headers)[:2000],
-                        })
+                except (Exception, FailureGroup) as exc:  # schemathesis raises its failures as one group
+                    _record(report, seen_failures, operation.label, mode, case, response, exc, headers)
 
             try:
                 one()
