@@ -47,3 +47,11 @@ def make_model(seed: int = 0, **overrides) -> MambaLMHeadModel:
 @pytest.fixture
 def tiny_model() -> MambaLMHeadModel:
     return make_model()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random byte-level checkpoint for the integration tests of one module (their servers load it)."""
+    from tests.serving import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")

@@ -10,15 +10,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.serving import metric_value, running_server, tiny_checkpoint
+from tests.serving import metric_value, running_server
 
 SURROGATE = "\ud800"  # valid JSON ("\ud800"), not valid Unicode
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")

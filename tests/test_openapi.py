@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from server import responses as R
-from tests.serving import running_server, running_server_process, tiny_checkpoint
+from tests.serving import running_server, running_server_process
 
 REF = "#/components/schemas/"
 STREAMING = {("post", "/v1/completions"), ("post", "/v1/chat/completions"), ("post", "/think")}
@@ -28,11 +28,6 @@ ERRORS = {  # statuses each operation can answer with the error body
     ("post", "/v1/completions"): GENERATION_ERRORS, ("post", "/v1/chat/completions"): GENERATION_ERRORS,
     ("post", "/think"): GENERATION_ERRORS,
 }
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,10 @@ import httpx
 import pytest
 
 from loadtest.fuzz import fuzz
-from tests.serving import metric_value, running_server, running_server_process, tiny_checkpoint
+from tests.serving import metric_value, running_server, running_server_process
 
 KEY = "reliability-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("reliability") / "tiny")
-
 
 def wait_until(predicate, deadline_s: float, what: str, poll_s: float = 0.1):
     """Poll ``predicate`` until it returns a truthy value (returned) or ``deadline_s`` passes (fails naming it)."""

@@ -9,14 +9,9 @@ import time
 import httpx
 import pytest
 
-from tests.serving import complete, ids_request, metric_value, running_server, tiny_checkpoint, token_ids
+from tests.serving import complete, ids_request, metric_value, running_server, token_ids
 
 openai = pytest.importorskip("openai")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")

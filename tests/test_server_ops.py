@@ -14,14 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.serving import ROOT, complete, ids_request, metric_value, running_server, tiny_checkpoint, token_ids
+from tests.serving import ROOT, complete, ids_request, metric_value, running_server, token_ids
 
 openai = pytest.importorskip("openai")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")
