@@ -50,7 +50,8 @@ def key_is_valid(header_value: str | None, keys: Iterable[str]) -> bool:
     return key_matches(bearer_key(header_value), keys)
 
 
-def _refuse(what: str) -> APIError:
+def refusal(what: str) -> APIError:
+    """The 401 for a missing or wrong key (the routes raise it; :mod:`server.limits` answers it before the body)."""
     return APIError(401, f"missing or invalid {what} (send 'Authorization: Bearer <key>')", code="invalid_api_key",
                     headers=dict(CHALLENGE))
 
@@ -65,7 +66,7 @@ def owner_of(request: Request, _: Annotated[HTTPAuthorizationCredentials | None,
         return None
     key = presented_key(request)
     if not key_matches(key, keys):
-        raise _refuse("API key")
+        raise refusal("API key")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -76,11 +77,11 @@ def metrics_access(request: Request) -> None:
     """``/metrics``: open, or with ``--metrics-api-key`` that key as a bearer token."""
     key = request.app.state.serving.config.metrics_api_key
     if key and not key_matches(presented_key(request), (key,)):
-        raise _refuse("metrics API key")
+        raise refusal("metrics API key")
 
 
 def docs_access(request: Request) -> None:
     """``/openapi.json``, ``/docs``, ``/redoc``: open, or with API keys one of them."""
     keys = request.app.state.serving.config.api_keys
     if keys and not key_matches(presented_key(request), keys):
-        raise _refuse("API key")
+        raise refusal("API key")

@@ -23,7 +23,7 @@ import h11
 from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from server.auth import key_is_valid
+from server.auth import key_is_valid, refusal
 from server.errors import error_body
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 # Served without a key by the middleware; whether they need one is their routes' business.
 UNPROTECTED_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
                                "/openapi.json"})
-UNAUTHORIZED = "missing or invalid API key (send 'Authorization: Bearer <key>')"  # as server.auth.owner_of says
 
 
 class LimitsAndErrorCounts:
@@ -75,7 +74,8 @@ class _Exchange:
     async def run(self) -> None:
         keys = self.config.api_keys
         if keys and self.scope["path"] not in UNPROTECTED_PATHS and not key_is_valid(self.authorization, keys):
-            return await self.answer(401, UNAUTHORIZED, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            refused = refusal("API key")
+            return await self.answer(refused.status, refused.message, code=refused.code, headers=refused.headers)
         limit = self.config.max_body_bytes
         if self.content_length is not None and self.content_length > limit:
             return await self.answer(413, f"request body over {limit} bytes", code="body_too_large")

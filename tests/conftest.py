@@ -55,3 +55,12 @@ def checkpoint(tmp_path_factory):
     from tests.serving import tiny_checkpoint
 
     return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint):
+    """A real server on loopback serving ``checkpoint`` (a module may define its own, with other options)."""
+    from tests.serving import running_server
+
+    with running_server(checkpoint, "--max-running", "32", "--max-waiting", "32") as base:
+        yield base

@@ -95,3 +95,15 @@ def token_ids(response: dict) -> list[int]:
 
 def ids_request(prompt, n: int, **extra) -> dict:
     return dict(prompt=prompt, max_tokens=n, logprobs=0, return_tokens_as_token_ids=True, **extra)
+
+
+def sse_events(lines) -> list[tuple[str, str]]:
+    """(event name, data) of each server-sent event in ``lines`` (``response.iter_lines()``); comments skipped."""
+    out, kind = [], "message"
+    for line in lines:
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: "):
+            out.append((kind, line[len("data: "):]))
+            kind = "message"
+    return out

@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from server import responses as R
-from tests.serving import running_server, running_server_process
+from tests.serving import running_server, running_server_process, sse_events
 
 REF = "#/components/schemas/"
 STREAMING = {("post", "/v1/completions"), ("post", "/v1/chat/completions"), ("post", "/think")}
@@ -68,15 +68,7 @@ def exact(model: type[BaseModel], payload: dict | str) -> BaseModel:
 
 
 def sse_data(response: httpx.Response) -> list[tuple[str, str]]:
-    """(event name, data) of each event; comment lines are skipped."""
-    out, kind = [], "message"
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            kind = line[len("event: "):]
-        elif line.startswith("data: "):
-            out.append((kind, line[len("data: "):]))
-            kind = "message"
-    return out
+    return sse_events(response.iter_lines())
 
 
 # The document ----------------------------------------------------------------------------------------

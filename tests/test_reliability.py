@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from loadtest.fuzz import fuzz
-from tests.serving import metric_value, running_server, running_server_process
+from tests.serving import metric_value, running_server, running_server_process, sse_events
 
 KEY = "reliability-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -212,12 +212,7 @@ def think_outcomes(url: str, max_tokens: int = 24) -> tuple[list[str], str]:
                       json={"prompt": "plan", "max_tokens": max_tokens, "deliberation_lag": 0, "plan_every": 4,
                             "temperature": 0}) as r:
         assert r.status_code == 200, r.read()
-        events, kind = [], "message"
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                events.append((kind, json.loads(line[6:])))
+        events = [(kind, json.loads(data)) for kind, data in sse_events(r.iter_lines())]
     return [ev["outcome"] for k, ev in events if k == "thought"], events[-1][0]
 
 

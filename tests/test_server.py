@@ -14,12 +14,6 @@ from tests.serving import complete, ids_request, metric_value, running_server, t
 openai = pytest.importorskip("openai")
 
 
-@pytest.fixture(scope="module")
-def url(checkpoint):
-    with running_server(checkpoint, "--max-running", "32", "--max-waiting", "32") as base:
-        yield base
-
-
 # Shapes ------------------------------------------------------------------------------
 def test_openai_client_completions_and_chat(url):
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")

@@ -19,12 +19,6 @@ from tests.serving import ROOT, complete, ids_request, metric_value, running_ser
 openai = pytest.importorskip("openai")
 
 
-@pytest.fixture(scope="module")
-def url(checkpoint):
-    with running_server(checkpoint, "--max-running", "32", "--max-waiting", "32") as base:
-        yield base
-
-
 # Metrics, health, CLI -----------------------------------------------------------------
 def test_metrics_present_and_moving(url):
     names = ["crsm_time_to_first_token_seconds_count", "crsm_inter_token_latency_seconds_count",

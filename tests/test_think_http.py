@@ -7,18 +7,11 @@ import json
 import httpx
 import pytest
 
-from tests.serving import metric_value, running_server, tiny_checkpoint
+from tests.serving import metric_value, running_server, sse_events, tiny_checkpoint
 
 
-def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    events, kind = [], "message"
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            kind = line[len("event: "):]
-        elif line.startswith("data: "):
-            events.append((kind, json.loads(line[len("data: "):])))
-            kind = "message"
-    return events
+def sse_json(response: httpx.Response) -> list[tuple[str, dict]]:
+    return [(kind, json.loads(data)) for kind, data in sse_events(response.iter_lines())]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +22,7 @@ def server():
         while deadline:  # the worker process loads in the background; wait until it has answered once
             with httpx.stream("POST", url + "/think", json={"prompt": "x", "max_tokens": 2, "deliberation_lag": 0},
                               timeout=60) as r:
-                if any(kind == "thought" and ev["outcome"] != "error" for kind, ev in sse_events(r)):
+                if any(kind == "thought" and ev["outcome"] != "error" for kind, ev in sse_json(r)):
                     break
             deadline -= 1
         yield url
@@ -39,7 +32,7 @@ def test_think_streams_tokens_and_thoughts_and_deltas_land(server):
     with httpx.stream("POST", server + "/think", json={"prompt": "The function returns", "max_tokens": 200,
                                                       "temperature": 0, "seed": 1}, timeout=120) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(r)
+        events = sse_json(r)
     tokens = [ev for kind, ev in events if kind == "token"]
     thoughts = [ev for kind, ev in events if kind == "thought"]
     kind, done = events[-1]
@@ -95,7 +88,7 @@ def test_think_events_match_the_documented_models(server):
     for extra in ({}, {"session_id": session}):
         with httpx.stream("POST", server + "/think", json={"prompt": "A list is", "max_tokens": 24, "plan_every": 4,
                                                           "ignore_eos": True, **extra}, timeout=120) as r:
-            events = sse_events(r)
+            events = sse_json(r)
         assert {kind for kind, _ in events} == {"token", "thought", "done"} and events[-1][0] == "done"
         for kind, payload in events:
             assert models[kind].model_validate(payload).model_dump(mode="json") == payload, kind
