@@ -223,6 +223,7 @@ class Engine:
             self._resume_planned()
         self._admit()
         prefill_tokens = self._prefill_some()
+        self._outbox.flush()  # a prompt's first token leaves now, not with the next decode step's token
         decode_batch = len(self._flight.batch)
         if self._flight.batch:
             self._decode_step()

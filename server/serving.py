@@ -173,19 +173,25 @@ class Serving:
         return Generation(handle, body.session_id, logprobs, body.return_tokens_as_token_ids)
 
     # Metrics -------------------------------------------------------------------------------
-    def observe(self, gen: Generation, event: TokenEvent | ThoughtEvent | FinishEvent, last: list[float]) -> None:
-        """Request metrics of one event; ``last[0]`` carries the time of the request's previous token."""
+    def observe(self, gen: Generation, event: TokenEvent | ThoughtEvent | FinishEvent, last: list[float],
+                now: float | None = None) -> None:
+        """Request metrics of one event, timed at ``now``: when its frame is written (default: this call).
+
+        TTFT and ITL are what a client sees, so they are taken where the server sends a token, not when the engine
+        sampled it (a token may wait in the engine's outbox and the event loop). ``last[0]`` carries the send time
+        of the request's previous token.
+        """
+        now = time.monotonic() if now is None else now
         if isinstance(event, TokenEvent):
             if last[0] == 0.0:
-                self.metrics.ttft.observe(event.time - gen.handle.submitted)
+                self.metrics.ttft.observe(now - gen.handle.submitted)
             else:
-                self.metrics.itl.observe(event.time - last[0])
-            last[0] = event.time
+                self.metrics.itl.observe(now - last[0])
+            last[0] = now
             self.metrics.generation_tokens.inc()
         elif isinstance(event, FinishEvent):
-            self.metrics.e2e.observe(event.time - gen.handle.submitted)
+            self.metrics.e2e.observe(now - gen.handle.submitted)
             self.metrics.prompt_tokens.inc(event.usage.prompt_tokens)
             self.metrics.cached_tokens.inc(event.usage.cached_tokens)
-
 
 ServingDep = Annotated[Serving, Depends(serving)]  # a route parameter typed this way receives the serving object

@@ -13,6 +13,7 @@ final event.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import anyio
@@ -90,8 +91,9 @@ async def collect(serving: Serving, gen: Generation, request: Request) -> tuple[
         events: list[TokenEvent] = []
         last = [0.0]
         async for batch in batches(gen):
+            now = time.monotonic()
             for event in batch:
-                serving.observe(gen, event, last)
+                serving.observe(gen, event, last, now)
                 if isinstance(event, TokenEvent):
                     events.append(event)
                 elif isinstance(event, FinishEvent):
@@ -132,6 +134,7 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
     last, offset, produced, head_due = [0.0], 0, 0, continuous_usage
     async for batch in batches(gen):
         out: list[bytes] = []
+        now = time.monotonic()  # the batch is written as one frame right after: TTFT/ITL as the client sees them
         if head_due:  # the first batch: the head, with the prompt counted
             head_due = False
             prompt = handle.prompt_tokens if handle.prompt_tokens is not None else len(handle.request.prompt_ids)
@@ -140,7 +143,7 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
             if head:
                 out.append(head)
         for event in batch:
-            observe(gen, event, last)
+            observe(gen, event, last, now)
             if isinstance(event, TokenEvent):
                 produced += 1
                 if not (with_logprobs or event.text):
@@ -169,8 +172,9 @@ async def think_events(serving: Serving, gen: Generation, rid: str) -> AsyncIter
     session_id = gen.session_id
     async for batch in batches(gen):
         out: list[bytes] = []
+        now = time.monotonic()
         for event in batch:
-            observe(gen, event, last)
+            observe(gen, event, last, now)
             if isinstance(event, TokenEvent):
                 out.append(sse({"id": rid, "index": index, "token_id": event.token_id, "text": event.text}, "token"))
                 index += 1
