@@ -55,7 +55,9 @@ OPTIONS = [
     Option("--metrics-api-key", str, "", "when set, /metrics needs 'Authorization: Bearer <this key>' "
                                          "(the API keys do not open it)"),
     Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
-    Option("--threads", int, 0, "torch CPU threads of the engine (0: torch's default, less the planner workers' threads)"),
+    Option("--threads", int, 0,
+           "torch CPU threads of the engine (0: half the cores the planner workers leave, at least 1; see README, "
+           "Contention)"),
     Option("--planner-workers", int, 1, "planner worker processes for requests that think (0: no planner)"),
     Option("--planner-simulator", str, "auto",
            "leaf simulator of the search: dynamics (learned), backbone (the model's own step) or auto (the dynamics "
@@ -93,16 +95,13 @@ def build(args: argparse.Namespace):
     """Load the model, start the engine, return (app, engine)."""
     from engine.chat import ChatTemplate
     from engine.checkpoint import load_model
-    from engine.runtime import engine_threads, set_threads
+    from engine.runtime import set_threads, thread_policy
     from engine.scheduler import Engine
     from engine.sessions import PrefixCache, SessionStore
     from server.app import ServerConfig, create_app
     from server.metrics import Metrics
 
-    threads = args.threads
-    if threads == 0 and args.planner_workers > 0:  # leave the planner processes their cores
-        threads = engine_threads(args.planner_workers * args.planner_threads)
-    set_threads(threads)
+    set_threads(args.threads or thread_policy(args.planner_workers * args.planner_threads))
     loaded = load_model(args.checkpoint, dtype=args.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     metrics = Metrics(name)
@@ -135,7 +134,18 @@ def build(args: argparse.Namespace):
     return app, engine
 
 
+OPENMP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def configure_openmp(environ=os.environ) -> None:
+    """OpenMP settings that torch's thread pool reads once, when torch loads: set here, before anything imports
+    torch, and inherited by the planner worker processes. A variable the user set is kept."""
+    for name, value in OPENMP_ENVIRONMENT.items():
+        environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    configure_openmp()
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not Path(args.checkpoint).is_dir():
