@@ -67,15 +67,6 @@ def share_the_gil_quickly(interval: float = ENGINE_SWITCH_INTERVAL) -> None:
         sys.setswitchinterval(interval)
 
 
-def engine_threads(planner_threads: int) -> int:
-    """Intra-op threads for the engine when planner workers use ``planner_threads`` cores: the rest, at least 1.
-
-    Decoding must keep its core(s): sharing them with a busy planner process
-    makes every step wait for the scheduler.
-    """
-    return max(1, (os.cpu_count() or 1) - max(0, planner_threads))
-
-
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), else the machine's count."""
     try:
@@ -84,15 +75,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def thread_policy(planner_threads: int, cores: int | None = None) -> int:
-    """The engine's intra-op threads when none were asked for: half the cores the planner workers leave, at least 1.
+def engine_threads(planner_threads: int, cores: int | None = None) -> int:
+    """The engine's intra-op threads when none were asked for: the cores the planner workers leave, at least 1.
 
-    A decode step is hundreds of small ops, each a fork-join over every intra-op thread. When another process
-    (a planner worker, another tenant, a build) takes one of the cores those threads need, each op waits for
-    the descheduled thread's next time slice, and the step slows down 20-40x instead of in proportion.
-    Leaving cores free keeps a co-tenant off the engine's threads; on 2 cores that means one thread, which
-    loses little when the machine is quiet (``loadtest/bench_contention.py`` measures both; see README,
-    "Contention"). OpenMP's wait policy is set before torch loads (``server.cli.configure_openmp``).
+    Decoding must keep its core(s): sharing them with a busy planner process makes every step wait for the
+    scheduler. Whatever the count, the threads must not spin while they wait (``server.cli.configure_openmp``).
     """
     cores = available_cores() if cores is None else cores
-    return max(1, (cores - max(0, planner_threads)) // 2)
+    return max(1, cores - max(0, planner_threads))

@@ -3,7 +3,9 @@
 Each thread policy runs in its own engine process (OpenMP reads its settings
 when torch loads, so a policy is a process): ``old`` is torch's default
 (one intra-op thread per core, OpenMP's default spinning wait), ``new`` is
-what ``python -m server`` now chooses (:func:`engine.runtime.thread_policy`).
+what ``python -m server`` now chooses (``server.cli.configure_openmp``: OpenMP's
+threads sleep while they wait; :func:`engine.runtime.engine_threads` threads,
+as with ``--planner-workers 0``).
 Each engine process keeps its model loaded and, on request, runs N streams
 (closed loop, long requests, temperature 1) for a few seconds and reports
 decoded tokens per second. Co-tenants, started and stopped around each
@@ -75,7 +77,7 @@ POLICIES = {
     "passive2": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2),
     "one": ({}, 1),
     "passive1": ({"OMP_WAIT_POLICY": "PASSIVE"}, 1),
-    "new": (None, None),  # what the server chooses (server.cli.configure_openmp, engine.runtime.thread_policy)
+    "new": (None, None),  # what the server chooses (server.cli.configure_openmp, engine.runtime.engine_threads)
 }
 
 
@@ -89,10 +91,10 @@ def engine_process(checkpoint: str, policy: str) -> None:
     else:
         os.environ.update(env)
     from engine.checkpoint import load_model
-    from engine.runtime import set_threads, thread_policy
+    from engine.runtime import engine_threads, set_threads
     from engine.scheduler import Engine
 
-    set_threads(thread_policy(planner_threads=0) if threads is None else threads)
+    set_threads(engine_threads(planner_threads=0) if threads is None else threads)
     import torch
 
     loaded = load_model(checkpoint)

@@ -56,7 +56,7 @@ OPTIONS = [
                                          "(the API keys do not open it)"),
     Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
     Option("--threads", int, 0,
-           "torch CPU threads of the engine (0: half the cores the planner workers leave, at least 1; see README, "
+           "torch CPU threads of the engine (0: the cores the planner workers leave, at least 1; see README, "
            "Contention)"),
     Option("--planner-workers", int, 1, "planner worker processes for requests that think (0: no planner)"),
     Option("--planner-simulator", str, "auto",
@@ -95,13 +95,13 @@ def build(args: argparse.Namespace):
     """Load the model, start the engine, return (app, engine)."""
     from engine.chat import ChatTemplate
     from engine.checkpoint import load_model
-    from engine.runtime import set_threads, thread_policy
+    from engine.runtime import engine_threads, set_threads
     from engine.scheduler import Engine
     from engine.sessions import PrefixCache, SessionStore
     from server.app import ServerConfig, create_app
     from server.metrics import Metrics
 
-    set_threads(args.threads or thread_policy(args.planner_workers * args.planner_threads))
+    set_threads(args.threads or engine_threads(args.planner_workers * args.planner_threads))
     loaded = load_model(args.checkpoint, dtype=args.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     metrics = Metrics(name)
@@ -139,7 +139,14 @@ OPENMP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 def configure_openmp(environ=os.environ) -> None:
     """OpenMP settings that torch's thread pool reads once, when torch loads: set here, before anything imports
-    torch, and inherited by the planner worker processes. A variable the user set is kept."""
+    torch, and inherited by the planner worker processes. A variable the user set is kept.
+
+    Every op of a decode step is a fork-join over the engine's intra-op threads. By default OpenMP's idle
+    threads spin; when another process holds one of the cores (a planner worker, another tenant), the thread
+    that waits spins out its time slice while the one it waits for is not running, and a step slows down by
+    10-40x instead of in proportion. Passive threads sleep and give the core back
+    (``loadtest/bench_contention.py``; README, "Contention").
+    """
     for name, value in OPENMP_ENVIRONMENT.items():
         environ.setdefault(name, value)
 
