@@ -76,10 +76,15 @@ def available_cores() -> int:
 
 
 def engine_threads(planner_threads: int, cores: int | None = None) -> int:
-    """The engine's intra-op threads when none were asked for: the cores the planner workers leave, at least 1.
+    """The engine's intra-op threads when none were asked for: half the cores the planner workers leave, at least 1.
 
-    Decoding must keep its core(s): sharing them with a busy planner process makes every step wait for the
-    scheduler. Whatever the count, the threads must not spin while they wait (``server.cli.configure_openmp``).
+    Every op of a decode step is a fork-join over these threads, so each op waits for the slowest: when another
+    process (a planner worker, another tenant, a build) holds a core one of them needs, the step runs at the
+    scheduler's pace. Leaving cores free keeps co-tenants off the engine's threads. On the 2-core VM, under a
+    load average of 23-25 from other jobs (``loadtest/bench_contention.py``): one thread kept 0.35-0.80x of its
+    quiet tok/s beside a busy loop and never stalled; two passive threads had higher medians but dropped to
+    8-96 tok/s in 3 of 12 windows at 8 streams; two spinning threads (torch's default) decoded nothing in most
+    2-second windows at 8 streams. ``--threads`` overrides this.
     """
     cores = available_cores() if cores is None else cores
-    return max(1, cores - max(0, planner_threads))
+    return max(1, (cores - max(0, planner_threads)) // 2)

@@ -5,7 +5,8 @@ when torch loads, so a policy is a process): ``old`` is torch's default
 (one intra-op thread per core, OpenMP's default spinning wait), ``new`` is
 what ``python -m server`` now chooses (``server.cli.configure_openmp``: OpenMP's
 threads sleep while they wait; :func:`engine.runtime.engine_threads` threads,
-as with ``--planner-workers 0``).
+as with ``--planner-workers 0``: one on 2 cores); ``passive2`` is two threads
+that sleep while they wait.
 Each engine process keeps its model loaded and, on request, runs N streams
 (closed loop, long requests, temperature 1) for a few seconds and reports
 decoded tokens per second. Co-tenants, started and stopped around each
@@ -76,7 +77,6 @@ POLICIES = {
     "old": ({}, 0),  # torch's default: a thread per core, OpenMP spinning while it waits
     "passive2": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2),
     "one": ({}, 1),
-    "passive1": ({"OMP_WAIT_POLICY": "PASSIVE"}, 1),
     "new": (None, None),  # what the server chooses (server.cli.configure_openmp, engine.runtime.engine_threads)
 }
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/bench_contention.json"))
-    parser.add_argument("--policies", default="old,new")
+    parser.add_argument("--policies", default="old,passive2,new")
     parser.add_argument("--streams", default="1,8")
     parser.add_argument("--cotenants", default="quiet,busy,planner")
     parser.add_argument("--rounds", type=int, default=3)

@@ -56,7 +56,7 @@ OPTIONS = [
                                          "(the API keys do not open it)"),
     Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
     Option("--threads", int, 0,
-           "torch CPU threads of the engine (0: the cores the planner workers leave, at least 1; see README, "
+           "torch CPU threads of the engine (0: half the cores the planner workers leave, at least 1; see README, "
            "Contention)"),
     Option("--planner-workers", int, 1, "planner worker processes for requests that think (0: no planner)"),
     Option("--planner-simulator", str, "auto",

@@ -10,11 +10,12 @@ from server.cli import configure_openmp
 from tests.serving import ROOT
 
 
-def test_engine_threads_leave_the_planner_its_cores():
-    assert engine_threads(planner_threads=0, cores=2) == 2
+def test_engine_threads_leave_cores_free_for_co_tenants():
+    assert engine_threads(planner_threads=0, cores=2) == 1
     assert engine_threads(planner_threads=1, cores=2) == 1
     assert engine_threads(planner_threads=4, cores=2) == 1  # never zero
-    assert engine_threads(planner_threads=2, cores=16) == 14
+    assert engine_threads(planner_threads=0, cores=16) == 8
+    assert engine_threads(planner_threads=2, cores=16) == 7
     assert 1 <= engine_threads(planner_threads=1) <= available_cores()
 
 
