@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
 
@@ -50,6 +51,9 @@ OPTIONS = [
            "seconds a request body may take to arrive whole after its headers; past it 408 and the connection closed"),
     Option("--sse-ping-seconds", float, 15.0,
            "seconds between keep-alive comments on a quiet SSE stream (a /think waiting on its plan), for proxies"),
+    Option("--drain-timeout", float, 15.0,
+           "seconds requests in flight may still run after SIGTERM/SIGINT (new ones get 503); then they end with a "
+           "final event and the server exits 0; keep it below the container's stop grace period"),
     Option("--api-key", str, "", "comma-separated API keys; when set, requests need 'Authorization: Bearer <key>'"),
     Option("--api-keys-file", str, "", "file with one API key per line (added to --api-key)"),
     Option("--metrics-api-key", str, "", "when set, /metrics needs 'Authorization: Bearer <this key>' "
@@ -129,7 +133,8 @@ def build(args: argparse.Namespace):
     config = ServerConfig(model_name=name, default_max_tokens=args.default_max_tokens,
                           max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
                           api_keys=load_api_keys(args), metrics_api_key=args.metrics_api_key.strip(),
-                          sse_ping_seconds=args.sse_ping_seconds, checkpoint_verified=loaded.verified)
+                          sse_ping_seconds=args.sse_ping_seconds, drain_timeout=args.drain_timeout,
+                          checkpoint_verified=loaded.verified)
     app = create_app(engine, loaded.tokenizer, ChatTemplate.for_checkpoint(loaded.tokenizer, args.checkpoint), config,
                      metrics, planner=pool)
     return app, engine
@@ -150,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         if not value > 0:
             print(f"error: {flag} must be a positive number of seconds, not {value}", file=sys.stderr)
             return 2
+    if not 0 <= args.drain_timeout < math.inf:
+        print(f"error: --drain-timeout must be a number of seconds >= 0, not {args.drain_timeout}", file=sys.stderr)
+        return 2
     from engine.chat import ChatTemplateError
     from engine.checkpoint import CheckpointError
 
@@ -160,12 +168,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
+    from server.drain import END_GRACE_SECONDS, DrainingServer
     from server.limits import header_timeout_protocol
 
-    # Streams drain for drain_seconds on SIGTERM, then end with their final event: uvicorn must wait that long.
-    grace = math.ceil(app.state.serving.config.drain_seconds) + 2
-    metrics = app.state.serving.metrics
-    protocol = header_timeout_protocol(args.header_timeout, lambda: metrics.slow_client("headers"))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=grace,
-                http=protocol)
-    return 0
+    serving = app.state.serving
+    protocol = header_timeout_protocol(args.header_timeout, lambda: serving.metrics.slow_client("headers"))
+    # The drain (server/drain.py) ends every request before uvicorn's own shutdown starts; its graceful timeout
+    # only covers responses still writing their last bytes.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, http=protocol,
+                            timeout_graceful_shutdown=math.ceil(END_GRACE_SECONDS))
+    server = DrainingServer(config, serving.drain, args.drain_timeout)
+    server.run()
+    if not server.started:
+        return 3  # uvicorn's start-up failure status (e.g. the port is taken)
+    _exit_now(0)
+
+
+def _exit_now(status: int) -> NoReturn:
+    """The server has shut down (requests ended, sessions written back, engine and planner stopped): exit without
+    the interpreter's teardown, which takes seconds with torch loaded (1.6-4 s here) and would eat into a
+    container's stop grace period after the drain."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
