@@ -191,7 +191,7 @@ class RedisSessionStore:
         """
         token = session.lease_token
         with self._held_lock:
-            if self._held.get(session.id) == token:
+            if token is not None and self._held.get(session.id) == token:
                 del self._held[session.id]
         session.busy, session.lease_token = False, None
         if token is None:
