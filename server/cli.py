@@ -43,6 +43,12 @@ OPTIONS = [
     Option("--default-max-tokens", int, 256, "max_tokens when a request does not set it"),
     Option("--session-bytes", int, 1 << 30, "byte budget of cached session states (LRU eviction past it)"),
     Option("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
+    Option("--session-store", str, "memory",
+           "where sessions live: memory (this process), a directory path (survives restarts; one server per "
+           "directory) or redis://HOST:PORT/DB (shared by replicas)"),
+    Option("--session-lease-seconds", float, 15.0,
+           "with redis://: a session's lease expires this long after its holder stops renewing it (a replica "
+           "that died mid-request frees its session after this)"),
     Option("--prefix-cache-bytes", int, 256 << 20, "byte budget of the automatic chat prefix cache"),
     Option("--max-body-bytes", int, 8 << 20, "largest request body accepted (413 above it), counted as it arrives"),
     Option("--header-timeout", float, 10.0,
@@ -99,7 +105,8 @@ def build(args: argparse.Namespace):
     from engine.checkpoint import load_model
     from engine.runtime import engine_threads, set_threads
     from engine.scheduler import Engine
-    from engine.sessions import PrefixCache, SessionStore
+    from engine.sessions import PrefixCache, open_session_store
+    from engine.sessions.identity import model_identity
     from server.app import ServerConfig, create_app
     from server.metrics import Metrics
 
@@ -122,10 +129,13 @@ def build(args: argparse.Namespace):
                           threads=args.planner_threads, nice=args.planner_nice, dtype=args.dtype)
         pool = PlannerPool(spec, workers=args.planner_workers, max_pending=args.planner_max_pending,
                            max_batch=args.planner_max_batch, observer=metrics)
+    sessions = open_session_store(
+        args.session_store, shape=loaded.model.state_shape(), model_id=model_identity(args.checkpoint, args.dtype),
+        device=loaded.model.device, max_bytes=args.session_bytes, ttl_seconds=args.session_ttl,
+        lease_seconds=args.session_lease_seconds)
     engine = Engine(
         loaded.model, loaded.tokenizer, max_running=args.max_running, max_waiting=args.max_waiting,
-        prefill_chunk=args.prefill_chunk, max_context=args.max_context,
-        sessions=SessionStore(max_bytes=args.session_bytes, ttl_seconds=args.session_ttl),
+        prefill_chunk=args.prefill_chunk, max_context=args.max_context, sessions=sessions,
         prefix_cache=PrefixCache(max_bytes=args.prefix_cache_bytes), observer=metrics,
     )
     if pool is not None:
@@ -151,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --planner-simulator must be auto, dynamics or backbone, not {args.planner_simulator!r}",
               file=sys.stderr)
         return 2
+    if "://" in args.session_store and not args.session_store.startswith(("redis://", "rediss://", "unix://")):
+        print(f"error: --session-store must be memory, a directory path or redis://HOST:PORT/DB, not "
+              f"{args.session_store!r}", file=sys.stderr)
+        return 2
+    if not args.session_lease_seconds > 0:
+        print(f"error: --session-lease-seconds must be a positive number, not {args.session_lease_seconds}",
+              file=sys.stderr)
+        return 2
     for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
         if not value > 0:
             print(f"error: {flag} must be a positive number of seconds, not {value}", file=sys.stderr)
@@ -160,10 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from engine.chat import ChatTemplateError
     from engine.checkpoint import CheckpointError
+    from engine.sessions import SessionStoreUnavailable
+    from engine.sessions.directory import StoreLocked
 
     try:
         app, _ = build(args)
-    except (CheckpointError, ChatTemplateError) as exc:
+    except (CheckpointError, ChatTemplateError, StoreLocked, SessionStoreUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import uvicorn

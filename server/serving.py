@@ -31,7 +31,13 @@ from engine.requests import (
 )
 from engine.sampling import SamplingParams
 from engine.scheduler import Engine
-from engine.sessions import SessionBusy, SessionNotFound, SessionTooLarge
+from engine.sessions import (
+    SessionBusy,
+    SessionNotFound,
+    SessionStateInvalid,
+    SessionStoreUnavailable,
+    SessionTooLarge,
+)
 from engine.thinking import ThinkParams, ThoughtEvent
 from engine.tokenizer import Tokenizer
 from server.drain import RETRY_AFTER_SECONDS, Drain
@@ -73,7 +79,7 @@ def serving(request: Request) -> Serving:
 
 
 def session_or_404(action: Callable[[], T], session_id: str) -> T:
-    """Run a session-store call; its refusals become 404, 409 or 413 errors."""
+    """Run a session-store call; its refusals become 404, 409 (busy; stored state refused), 413 or 503 errors."""
     try:
         return action()
     except SessionNotFound:
@@ -83,6 +89,11 @@ def session_or_404(action: Callable[[], T], session_id: str) -> T:
                        code="session_busy") from None
     except SessionTooLarge as exc:
         raise APIError(413, str(exc), param="session_id") from None
+    except SessionStateInvalid as exc:  # corrupt, foreign model or format: refused, never loaded
+        raise APIError(409, f"session '{session_id}' cannot be used: {exc}", param="session_id",
+                       code="session_state_invalid") from None
+    except SessionStoreUnavailable as exc:
+        raise APIError(503, str(exc), code="session_store_unavailable", headers={"Retry-After": "1"}) from None
 
 
 class Serving:
@@ -111,6 +122,7 @@ class Serving:
         if self.drain.in_flight:
             await self.drain.run(timeout=0.0)
         self.engine.shutdown()
+        self.engine.sessions.close()  # after the engine: its last requests have written back
         if self.planner is not None:
             await self.planner.stop()
 
