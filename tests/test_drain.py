@@ -127,10 +127,9 @@ def test_past_the_drain_timeout_streams_end_with_a_final_event_and_sessions_are_
     exactly from the tokens its stream received (greedy: as the whole history sent at once)."""
     store = str(tmp_path / "sessions")
     drain = 2.0
-    with running_server(checkpoint, "--session-store", store) as base:
+    with running_server_process(checkpoint, "--session-store", store, "--drain-timeout", str(drain)) as (base, proc):
         sids = [httpx.post(base + "/v1/sessions", json={}).json()["id"] for _ in range(4)]
         firsts = [complete(base, **ids_request(f"turn one {i}", 5, session_id=sid)) for i, sid in enumerate(sids)]
-    with running_server_process(checkpoint, "--session-store", store, "--drain-timeout", str(drain)) as (base, proc):
         forever = {"max_tokens": 30000, "ignore_eos": True, "stream": True, "temperature": 0}
         bodies = [("/v1/completions", {**ids_request(f" turn two {i}", 1, session_id=sid), **forever})
                   for i, sid in enumerate(sids)]
