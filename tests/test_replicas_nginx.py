@@ -128,7 +128,11 @@ def test_a_conversation_spread_over_both_replicas_equals_one_server(cluster):
 def test_streams_pass_through_nginx_unbuffered(cluster):
     """With every batch slot taken (--max-running 1 on each replica), a chat stream's first chunk (the role, sent
     before any token) reaches the client through nginx while the request still waits: nginx holds nothing back.
-    Hanging up through nginx cancels upstream, which frees the slots, and the waiting stream then ends properly."""
+    Hanging up through nginx cancels upstream, which frees the slots, and the waiting stream then ends properly.
+
+    What this checks is the end-to-end behaviour, not the one directive: the server also sends
+    ``X-Accel-Buffering: no``, and nginx 1.22 with ``proxy_buffering on`` (that header ignored) was seen to pass
+    this chunk on at once too."""
     nginx, replicas = cluster
     forever = {"prompt": "hold the slot", "max_tokens": 30000, "ignore_eos": True, "stream": True}
     readers = []  # kept: a line iterator that is garbage-collected closes its response (httpx)
