@@ -203,3 +203,30 @@ def test_loopback_conf_changes_only_addresses_paths_and_workers(tmp_path):
     rewritten = loopback_conf(["127.0.0.1:1", "127.0.0.1:2"], 3, tmp_path).splitlines()
     kept = [line for line in shipped if not re.search(r"crsm-[ab]:8000|listen 8080|worker_processes|access_log", line)]
     assert all(line in rewritten for line in kept)
+
+
+def test_compose_file_wires_the_replicas_redis_and_nginx_together():
+    """deploy/compose.replicas.yaml (no container engine here: its wiring is checked as data): every replica on the
+    shared Redis, each stopped with a grace above its drain timeout, nginx upstreams named after the replica
+    services and its published port (loopback only) the one nginx.conf listens on."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.replicas.yaml").read_text())
+    services = compose["services"]
+    replicas = {name: s for name, s in services.items() if s.get("environment", {}).get("CRSM_SESSION_STORE")}
+    assert sorted(replicas) == ["crsm-a", "crsm-b"]
+    conf = CONF.read_text()
+    for name, service in replicas.items():
+        env = service["environment"]
+        assert env["CRSM_SESSION_STORE"] == "redis://redis:6379/0" and "redis" in service["depends_on"]
+        grace = float(service["stop_grace_period"].removesuffix("s"))
+        assert grace >= float(env["CRSM_DRAIN_TIMEOUT"]) + 5
+        assert "ports" not in service  # reached through nginx only
+        assert conf.count(f"server {name}:8000 ") == 2  # in both upstream groups
+    assert "redis" in services and "ports" not in services["redis"]
+    nginx = services["nginx"]
+    assert "./nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
+    (published,) = nginx["ports"]
+    host, _, rest = published.partition(":")
+    assert host == "127.0.0.1" and f"listen {rest.split(':')[1]};" in conf
+    assert all(str(p).startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", []))
