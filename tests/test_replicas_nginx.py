@@ -1,10 +1,10 @@
 """Two server replicas on one real redis-server behind a real nginx running deploy/nginx/nginx.conf.
 
-The shipped configuration is used as it is, with only what differs on loopback rewritten (the replicas' and
-nginx's addresses, paths under a temporary prefix, one worker so that round robin strictly alternates). A
-conversation through nginx, its turns spread over both replicas, equals the same conversation on one server;
-streams pass through unbuffered; the optional affinity header keeps a conversation on one replica; a replica
-that drains is skipped without the client seeing an error.
+The shipped configuration is used as it is, with only what differs on loopback rewritten
+(:func:`loadtest.nginx.loopback_conf`: the replicas' and nginx's addresses, paths under a temporary prefix, one
+worker so that round robin strictly alternates). A conversation through nginx, its turns spread over both
+replicas, equals the same conversation on one server; streams pass through unbuffered; the optional affinity
+header keeps a conversation on one replica; a replica that drains is skipped without the client seeing an error.
 """
 
 from __future__ import annotations
@@ -13,54 +13,21 @@ import json
 import re
 import shutil
 import signal
-import subprocess
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import pytest
 
-from loadtest.process import free_port, supervised
+from loadtest.nginx import CONF, loopback_conf, nginx_binary, running_nginx
 from tests.serving import ROOT, complete, ids_request, metric_value, running_server_process, token_ids
 
-NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/bin/nginx") if Path(p).exists()), None)
+NGINX = nginx_binary()
 REDIS = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None or REDIS is None,
                                 reason="needs nginx and redis-server (CI installs both in .ci/run)")
-CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 REPLICA_ARGS = ("--max-running", "1", "--max-waiting", "8", "--drain-timeout", "60")
-
-
-def loopback_conf(replicas: list[str], port: int, prefix: Path) -> str:
-    """deploy/nginx/nginx.conf with the compose host names, the port, the log and temp paths and the worker count
-    swapped for loopback ones; every other line as shipped."""
-    text = CONF.read_text()
-    for name, address in zip(("crsm-a:8000", "crsm-b:8000"), replicas):
-        assert name in text
-        text = text.replace(name, address)
-    swaps = [(r"listen 8080;", f"listen 127.0.0.1:{port};"), (r"worker_processes auto;", "worker_processes 1;"),
-             (r"access_log /dev/stdout;", f"access_log {prefix}/access.log;\n" + "".join(
-                 f"    {kind}_temp_path {prefix}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
-                                                                         "scgi")))]
-    for old, new in swaps:
-        assert old in text, old
-        text = text.replace(old, new)
-    return text
-
-
-@contextmanager
-def running_nginx(replicas: list[str], prefix: Path):
-    """A real nginx (``daemon off``, error log and pid file under ``prefix``) on a free loopback port."""
-    port = free_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(loopback_conf(replicas, port, prefix))
-    directives = f"daemon off; pid {prefix}/nginx.pid; error_log {prefix}/error.log;"
-    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(prefix), "-g", directives],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    with supervised(proc, url + "/ready", 30, "nginx", output=lambda: (prefix / "error.log").read_text()):
-        yield url
 
 
 @pytest.fixture(scope="module")
