@@ -309,3 +309,14 @@ def test_an_unreachable_redis_is_reported_and_a_bad_spec_refused():
     with pytest.raises(ValueError, match="redis://HOST:PORT/DB"):
         open_session_store("s3://bucket", shape=SHAPE, model_id=MODEL_ID)
     assert type(open_session_store("memory", shape=SHAPE, model_id=MODEL_ID)).__name__ == "SessionStore"
+
+
+def test_the_cli_refuses_a_bad_store_before_loading_anything(tmp_path, capsys, monkeypatch):
+    from server.cli import main, parse_args
+
+    monkeypatch.delenv("CRSM_SESSION_STORE", raising=False)
+    assert parse_args([]).session_store == "memory"  # the default stays in-process
+    assert main(["--checkpoint", str(tmp_path), "--session-store", "s3://bucket/x"]) == 2
+    assert "redis://HOST:PORT/DB" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path), "--session-store", "memory", "--session-lease-seconds", "0"]) == 2
+    assert "--session-lease-seconds" in capsys.readouterr().err

@@ -139,10 +139,15 @@ class DirectorySessionStore:
         session.busy = session_id in self._leased
         return session
 
-    def _write_locked(self, session: Session) -> None:
-        """Write the record atomically (temporary file, fsync, rename, directory fsync) and index it as used now."""
+    def _write_file(self, session: Session) -> int:
+        """Write the record atomically (temporary file, fsync, rename, directory fsync); its size.
+
+        Called without the store's lock: only the holder of a session (its
+        creator, or the request leasing it) writes its file, and a reader sees
+        the old record or the new one, never a part.
+        """
         blob = encode_session(session, self.model_id)
-        tmp = self.root / f"{TMP_PREFIX}{session.id}-{os.getpid()}"
+        tmp = self.root / f"{TMP_PREFIX}{session.id}-{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -154,10 +159,14 @@ class DirectorySessionStore:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(self.root)
-        self._bytes += len(blob) - self._sizes.get(session.id, 0)
-        self._sizes[session.id] = len(blob)
-        self._sizes.move_to_end(session.id)
-        self._last_used[session.id] = self._clock()
+        return len(blob)
+
+    def _index_locked(self, session_id: str, size: int) -> None:
+        """Count a record just written, as used now."""
+        self._bytes += size - self._sizes.get(session_id, 0)
+        self._sizes[session_id] = size
+        self._sizes.move_to_end(session_id)
+        self._last_used[session_id] = self._clock()
 
     def _touch_locked(self, session_id: str) -> None:
         if session_id in self._sizes:
@@ -198,9 +207,10 @@ class DirectorySessionStore:
         metadata = dict(metadata or {})
         check_metadata(metadata, self.max_metadata_bytes, self.max_bytes)
         session = Session(id=new_session_id(), owner=owner, state=None, metadata=metadata)
+        size = self._write_file(session)
         with self._lock:
             self._expire_locked()
-            self._write_locked(session)
+            self._index_locked(session.id, size)
             self._evict_locked(keep=session.id)
         return session
 
@@ -226,9 +236,11 @@ class DirectorySessionStore:
             child = Session(id=new_session_id(), owner=owner, state=parent.state, pending=list(parent.pending),
                             n_tokens=parent.n_tokens, metadata={**parent.metadata, "forked_from": parent.id})
             self._touch_locked(session_id)
-            self._write_locked(child)
+        size = self._write_file(child)
+        with self._lock:
+            self._index_locked(child.id, size)
             self._evict_locked(keep=child.id)
-            return child
+        return child
 
     def lease(self, session_id: str, owner: str | None) -> Session:
         with self._lock:
@@ -245,17 +257,24 @@ class DirectorySessionStore:
 
     def release(self, session: Session, state: MambaState | None = None, pending: Sequence[int] | None = None,
                 n_tokens: int | None = None) -> None:
-        """End the lease; with ``state``, write the session back first (the lease ends even if that fails)."""
-        with self._lock:
-            try:
-                if state is not None and session.id in self._sizes:
-                    session.state, session.pending = state, list(pending or [])
-                    session.n_tokens = n_tokens if n_tokens is not None else session.n_tokens
-                    self._write_locked(session)
+        """End the lease; with ``state``, write the session back first (the lease ends even if that fails).
+
+        The file is written outside the store's lock, so the event loop's
+        lookups do not wait on this fsync.
+        """
+        try:
+            if state is not None and session.id in self._leased:
+                session.state, session.pending = state, list(pending or [])
+                session.n_tokens = n_tokens if n_tokens is not None else session.n_tokens
+                size = self._write_file(session)
+                with self._lock:
+                    self._index_locked(session.id, size)
                     self._evict_locked(keep=session.id)
-                else:
+            else:
+                with self._lock:
                     self._touch_locked(session.id)
-            finally:
+        finally:
+            with self._lock:
                 if self._leased.get(session.id) is session:
                     del self._leased[session.id]
                 session.busy = False
