@@ -13,7 +13,6 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
 
@@ -198,17 +197,5 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, http=protocol,
                             timeout_graceful_shutdown=math.ceil(END_GRACE_SECONDS))
     server = DrainingServer(config, serving.drain, args.drain_timeout)
-    server.run()
-    if not server.started:
-        return 3  # uvicorn's start-up failure status (e.g. the port is taken)
-    _exit_now(0)
-
-
-def _exit_now(status: int) -> NoReturn:
-    """The server has shut down (requests ended, sessions written back, engine and planner stopped): exit without
-    the interpreter's teardown, which takes seconds with torch loaded (1.6-4 s here) and would eat into a
-    container's stop grace period after the drain."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    server.run()  # a server that started exits from inside (server.drain.exit_now); here it did not start
+    return 3  # uvicorn's start-up failure status (e.g. the port is taken)

@@ -17,21 +17,26 @@ signal only starts a drain, run on the event loop:
    and tokens as far as they got, :meth:`engine.scheduler.Engine._retire`).
 4. Once their final events are written, uvicorn's normal shutdown runs
    (close the socket, finish connections, the app's lifespan: engine, planner)
-   and the process exits with status 0.
+   and the process exits with status 0, at once: not waiting for threads
+   still blocked (a planner worker still starting holds one for as long as
+   its start takes) nor for the interpreter's teardown (1.6-4 s with torch
+   here), which would come out of a container's stop grace period.
 
 A second signal skips the rest of step 2 (the streams still end with their
-final event); a third exits at once, as uvicorn's forced exit does.
+final event); a third exits at once (status 1), as uvicorn's forced exit does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import uvicorn
 
@@ -104,8 +109,9 @@ class DrainingServer(uvicorn.Server):
     (uvicorn's default), so a drained server exits with status 0.
     """
 
-    def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout: float):
+    def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout: float, exit_when_stopped: bool = True):
         super().__init__(config)
+        self.exit_when_stopped = exit_when_stopped
         self.drain, self.drain_timeout = drain, drain_timeout
         self._signals = 0
         self._task: asyncio.Task | None = None
@@ -116,6 +122,11 @@ class DrainingServer(uvicorn.Server):
         if self._signals >= 3:  # the operator insists: uvicorn's forced exit, without the lifespan's shutdown
             log.warning("third %s: exiting now", signal.Signals(sig).name)
             self.force_exit = self.should_exit = True
+
+    async def serve(self, sockets=None) -> None:
+        await super().serve(sockets)
+        if self.started and self.exit_when_stopped:  # the lifespan has run: nothing is left to finish
+            exit_now(1 if self.force_exit else 0)
 
     async def on_tick(self, counter: int) -> bool:
         if self._signals and self._task is None:
@@ -129,3 +140,11 @@ class DrainingServer(uvicorn.Server):
                 log.error("drain failed", exc_info=self._task.exception())
             self.should_exit = True
         return await super().on_tick(counter)
+
+
+def exit_now(status: int) -> NoReturn:
+    """Exit without waiting for other threads or the interpreter's teardown; logs and output flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
