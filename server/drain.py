@@ -105,8 +105,9 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's server whose first SIGTERM/SIGINT runs :meth:`Drain.run` before uvicorn's own shutdown.
 
     The signal handler only counts signals; :meth:`on_tick` (uvicorn's main loop, every 0.1 s, on the event loop)
-    starts the drain and asks uvicorn to exit once it is over. Signals are not re-raised after the shutdown
-    (uvicorn's default), so a drained server exits with status 0.
+    starts the drain and asks uvicorn to exit once it is over. Unlike uvicorn's own handler this one does not have
+    the signal re-raised after the shutdown (which ended the process with -15): a drained server exits with 0,
+    from :meth:`serve`, as soon as the app has shut down.
     """
 
     def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout: float, exit_when_stopped: bool = True):
