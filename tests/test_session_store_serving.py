@@ -46,6 +46,10 @@ def test_a_session_continues_across_a_restart_and_a_kill_9_as_if_uninterrupted(c
         info = httpx.get(f"{url}/v1/sessions/{sid}").json()
         assert third == reference_greedy(model, history, 5)
         assert info["tokens"] == len(history) + 5 and info["metadata"] == {"who": "restart"} and not info["busy"]
+        fork = httpx.post(f"{url}/v1/sessions/{sid}/fork").json()
+        assert (fork["tokens"], fork["metadata"]) == (info["tokens"], {"who": "restart", "forked_from": sid})
+        assert httpx.delete(f"{url}/v1/sessions/{fork['id']}").status_code == 200
+        assert not (store / f"{fork['id']}.session").exists()
         damage_records(store, victims, model, checkpoint)
         check_refused(url, victims)
 
