@@ -18,7 +18,15 @@ import time
 import httpx
 import pytest
 
-from tests.serving import complete, ids_request, metric_value, running_server, running_server_process, token_ids
+from tests.serving import (
+    complete,
+    ids_request,
+    metric_value,
+    running_server,
+    running_server_process,
+    sse_events,
+    token_ids,
+)
 
 STREAMS = 8
 
@@ -187,3 +195,19 @@ def test_drain_timeout_must_be_a_finite_number_of_seconds(value, checkpoint):
     out = subprocess.run([sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--drain-timeout", value],
                          check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--drain-timeout" in out.stderr
+
+
+def test_a_think_stream_past_the_drain_timeout_ends_with_its_done_event(checkpoint):
+    """/think (a planner worker running): cut by the drain, the stream still ends with one ``done`` event."""
+    with running_server_process(checkpoint, "--planner-workers", "1", "--drain-timeout", "1") as (base, proc):
+        body = {"prompt": "think on", "max_tokens": 30000, "ignore_eos": True}
+        with httpx.stream("POST", base + "/think", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            head = [next(lines) for _ in range(2)]  # the first event: its name and its data
+            proc.send_signal(signal.SIGTERM)
+            events = sse_events([*head, *lines])
+        assert proc.wait(timeout=40) == 0
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "token" and kinds.count("done") == 1 and kinds[-1] == "done" and "error" not in kinds
+    assert json.loads(events[-1][1])["finish_reason"] == "abort"
