@@ -178,7 +178,7 @@ class Deliberation:
             self.observer.on_injection(landing.result, landing.confidence, landing.a_eff, lag)
             self._thought(seq, ThoughtEvent(delta.planned_at, step, landing.result, landing.confidence,
                                             landing.a_eff, landing.delta_norm, delta.path, delta.simulations,
-                                            time.monotonic()))
+                                            time.monotonic(), landing.chosen))
 
     def _thought(self, seq: ActiveSequence, event: ThoughtEvent) -> None:
         seq.plans.totals.count(event.outcome)

@@ -76,6 +76,7 @@ class Landing:
     confidence: float
     a_eff: float
     delta_norm: float
+    chosen: int | None = None  # the search's choice at the node it landed on (the token a decision delta favours)
 
 
 def land(h: Tensor, delta: StateDelta, taken: Sequence[int], realised_lag: int, params: ThinkParams,
@@ -93,4 +94,5 @@ def land(h: Tensor, delta: StateDelta, taken: Sequence[int], realised_lag: int, 
     confidence = float(delta.confidences[branch])
     injection = inject(h, delta.changes[branch], effective_rate(confidence, params, realised_lag, delta.mode),
                        params.trust_region, max_norm)
-    return Landing(injection.result, confidence, injection.a_eff, injection.delta_norm)
+    chosen = delta.choices[branch] if branch < len(delta.choices) else None
+    return Landing(injection.result, confidence, injection.a_eff, injection.delta_norm, chosen)

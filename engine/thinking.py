@@ -111,6 +111,7 @@ class StateDelta:
     seconds: float = 0.0
     mode: str = "decision"  # what the changes are: "decision" or "child" (see the module doc)
     choices: list[int] = field(default_factory=list)  # per branch: the search's choice (the node's best child)
+    evidence: list[tuple[float, float]] = field(default_factory=list)  # per branch: (visit share, value advantage)
 
     def lookup(self, taken: Sequence[int]) -> tuple[str, int | None]:
         """("match", row) when the tree holds the node ``taken``; else ("diverged" | "stale", None)."""
@@ -146,6 +147,7 @@ class ThoughtEvent:
     path: list[int]
     simulations: int
     time: float
+    chosen: int | None = None  # the search's choice at the node the delta landed on
 
 
 @dataclass

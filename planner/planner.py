@@ -9,9 +9,12 @@ For a batch of :class:`~engine.thinking.PlanJob` it
 2. forces the pending token (already sampled by the engine) as the first
    move, and searches below it, all trees' leaves batched together;
 3. returns the tree below that token as branches: for each searched node,
-   the state change of its best move (a difference of node states, which the
-   engine re-roots on the real state) and the search's confidence there, plus
-   the main line for display (see :mod:`engine.thinking`).
+   the search's choice there (its most visited child), the change of the
+   state the node's token is fed into that makes that choice win the step
+   (:mod:`planner.decision`, all branches of all jobs in one batched call;
+   or the old best-child state difference with ``delta="child"``), and the
+   search's confidence there (calibrated, :mod:`planner.calibrate`), plus the
+   main line for display (see :mod:`engine.thinking`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from engine.tokenizer import ByteTokenizer, Tokenizer
 from planner.decision import decision_deltas
 from planner.search import SearchConfig, best_path, search
 from planner.simulators import BackboneSimulator, Simulator, ssm_part
-from planner.tree import Calibration, Node, Tree, confidence
+from planner.tree import Calibration, Node, Tree, confidence, decision_features
 from planner.verifiers import answer_reward
 
 log = logging.getLogger(__name__)
@@ -101,7 +104,8 @@ class Planner:
                                      {k: i for i, k in enumerate(br.keys)}, br.changes,
                                      [confidence(n, self.calibration) for n in br.inner], frozenset(br.nodes),
                                      inner_keys, st.simulations, st.seconds, mode,
-                                     [n.best_child().token for n in br.inner]))
+                                     [n.best_child().token for n in br.inner],
+                                     [decision_features(n)[:2] for n in br.inner]))
             self._trees[job.request_id] = (tree, job.planned_at)
             self._trees.move_to_end(job.request_id)
         while len(self._trees) > self.max_trees:
