@@ -27,7 +27,7 @@ from engine.models import MambaLMHeadModel
 from engine.state import MambaState
 
 DEFAULT_TARGET_MARGIN = 1.0  # logits: the chosen token wins by this much on the predicted state
-DEFAULT_ITERATIONS = 3
+DEFAULT_ITERATIONS = 5
 
 
 @dataclass
