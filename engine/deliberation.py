@@ -93,9 +93,16 @@ class Deliberation:
         self._thinking[seq.handle.id] = seq
 
     def end(self, seq: ActiveSequence) -> None:
-        """Forget a sequence's plans; the planner may drop its tree."""
+        """Forget a sequence's plans (those still unanswered are counted, ``unanswered``); the planner may drop
+        its tree. Called before the sequence's final event, so these thoughts come before it."""
         if self._thinking.pop(seq.handle.id, None) is not None and self.link is not None:
             self.link.discard(seq.handle.id)
+        now = time.monotonic()
+        for planned_at in sorted(seq.plans.outstanding):
+            self._thought(seq, ThoughtEvent(planned_at, None, "unanswered", 0.0, 0.0, 0.0, [], 0, now))
+        for delta in seq.plans.deltas:  # answered but never due: the sequence ended first
+            self._thought(seq, ThoughtEvent(delta.planned_at, None, "unlanded", 0.0, 0.0, 0.0, delta.path,
+                                            delta.simulations, now))
         seq.plans.deltas.clear()
         seq.plans.outstanding.clear()
 
