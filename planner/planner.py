@@ -40,6 +40,18 @@ from planner.verifiers import answer_reward
 log = logging.getLogger(__name__)
 
 
+def _reused_visits(tree: Tree, prefix: list[int]) -> int:
+    """Simulations a reused tree already spent below the forced prefix (they count towards this plan's budget).
+
+    ``simulations`` is what a decision rests on, not what each plan adds: when
+    the previous plan already searched the path the sequence took, the next
+    one only tops it up (with ``plan_every=1`` most plans then cost a
+    decision delta, not a search).
+    """
+    node = tree.follow(prefix)
+    return 0 if node is None else node.visits - 1
+
+
 @dataclass
 class _Branches:
     """One job's searched nodes below its forced prefix, and the branches the engine may land."""
@@ -91,8 +103,9 @@ class Planner:
         config = SearchConfig(**{**self.config.__dict__, "time_budget_s": time_budget})
         prefixes = [job.tokens[job.planned_at : job.planned_at + 1] for job in jobs]
         rewards = [answer_reward(job, self.tokenizer) for job in jobs]
-        stats = search(trees, self.simulator, config, prefixes, budgets=[job.params.simulations for job in jobs],
-                       rewards=rewards)
+        budgets = [max(job.params.simulations - _reused_visits(tree, prefix), 0)
+                   for job, tree, prefix in zip(jobs, trees, prefixes)]
+        stats = search(trees, self.simulator, config, prefixes, budgets=budgets, rewards=rewards)
         found = [self._branches(tree, prefix, job.params.deliberation_lag, job.params.synchronous)
                  for job, tree, prefix in zip(jobs, trees, prefixes)]
         modes = self._changes(jobs, trees, found)
