@@ -53,7 +53,7 @@ class ThinkParams:
     top_k_actions: int = 8  # actions per node: the top-k tokens of the policy
     injection_rate: float = 1.0  # a_eff when the gate passes ("decision"); times the confidence ("child")
     min_confidence: float = 0.5  # gate: a branch whose (calibrated) confidence is below it lands nothing
-    plan_every: int = 4  # tokens between two plans of a sequence (the first is due at the first generated token)
+    plan_every: int = 1  # steps between two plans of a sequence (the first is due at the first generated token)
     time_budget_ms: float = 150.0  # wall-time budget of one search
     max_staleness: int = 32  # steps after planned_at beyond which a delta is dropped
     decay: float = 1.0  # a_eff is multiplied by decay ** realised_lag

@@ -30,7 +30,8 @@ def server():
 
 def test_think_streams_tokens_and_thoughts_and_deltas_land(server):
     with httpx.stream("POST", server + "/think", json={"prompt": "The function returns", "max_tokens": 200,
-                                                      "temperature": 0, "seed": 1, "min_confidence": 0},
+                                                      "temperature": 0, "seed": 1, "min_confidence": 0,
+                                                      "plan_every": 8},
                       timeout=120) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_json(r)
