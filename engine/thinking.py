@@ -54,7 +54,7 @@ class ThinkParams:
     injection_rate: float = 1.0  # a_eff when the gate passes ("decision"); times the confidence ("child")
     min_confidence: float = 0.5  # gate: a branch whose (calibrated) confidence is below it lands nothing
     plan_every: int = 1  # steps between two plans of a sequence (the first is due at the first generated token)
-    time_budget_ms: float = 150.0  # wall-time budget of one search
+    time_budget_ms: float = 250.0  # wall-time budget of one search (48 simulations usually end it first)
     max_staleness: int = 32  # steps after planned_at beyond which a delta is dropped
     decay: float = 1.0  # a_eff is multiplied by decay ** realised_lag
     trust_region: float = 0.5  # ||change|| <= trust_region * max(||h||, 1) per layer
