@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Hashable
-
 from dataclasses import dataclass
 
 import torch
