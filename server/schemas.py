@@ -137,7 +137,7 @@ class ThinkOptions(_Request):
     verifier: Literal[VERIFIER_NAMES] | None = Field(  # type: ignore[valid-type]
         None, description="the search's reward where a branch ends the answer (a stop string or EOS); its verdict on "
                           "the final answer is reported in usage.think")
-    verifier_pattern: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)] | None = Field(
+    verifier_pattern: Annotated[Text, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)] | None = Field(
         None, validate_default=True, json_schema_extra={"format": "regex"},
         description="the regex verifier's pattern (the whole answer must match it; required with verifier 'regex', "
                     "ignored by the others); refused when it does not compile or backtracks catastrophically")

@@ -78,6 +78,7 @@ def test_a_catastrophic_pattern_is_refused_or_bounded_in_time():
     ({"verifier": "regex"}, "verifier_pattern"),
     ({"verifier": "regex", "verifier_pattern": "("}, "verifier_pattern"),
     ({"delta": "sideways"}, "delta"),
+    ({"verifier": "regex", "verifier_pattern": "\ud800"}, "verifier_pattern"),  # an unpaired surrogate
 ])
 def test_the_schema_refuses_bad_verifier_fields_naming_them(body, field):
     for model, extra in ((ThinkOptions, {}), (ThinkRequest, {"prompt": "x"})):
