@@ -155,14 +155,17 @@ class ThinkTotals:
     plans: int = 0
     simulations: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
+    verifier: str | None = None  # set by the server at finish when the request named a verifier
+    verified: bool | None = None  # that verifier's verdict on the final answer
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     def as_dict(self) -> dict[str, object]:
+        verdict = {"verifier": self.verifier, "verified": self.verified} if self.verifier is not None else {}
         return {"plans": self.plans, "simulations": self.simulations, **{k: self.outcomes.get(k, 0) for k in
                                                                          INJECTION_RESULTS}, "dropped":
-                sum(v for k, v in self.outcomes.items() if k not in INJECTION_RESULTS)}
+                sum(v for k, v in self.outcomes.items() if k not in INJECTION_RESULTS), **verdict}
 
 
 class PlannerLink(Protocol):

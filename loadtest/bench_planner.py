@@ -107,7 +107,8 @@ def bench_itl(checkpoint: Path, rounds: int, tokens: int, streams_list: tuple[in
             await asyncio.sleep(0.05)
         try:
             arms = {"off": None, "on": ThinkParams(), "on_no_wait": ThinkParams(wait=False, deliberation_lag=1),
-                    "on_every_8": ThinkParams(plan_every=8)}  # lag 0 always waits: never waiting needs lag >= 1
+                    "on_every_8": ThinkParams(plan_every=8),  # lag 0 always waits: never waiting needs lag >= 1
+                    "off_last": None}  # the baseline again at the end of each round: the drift within a round
             for streams in streams_list:
                 samples: dict[str, list] = {arm: [] for arm in arms}
                 for r in range(rounds):
@@ -243,9 +244,9 @@ def format_table(report: dict) -> str:
                 rows.append(f"| ITL {q}, {key.replace('_', ' ')} | {r[f'off_{q}_ms']:.2f} ms | {r[f'on_{q}_ms']:.2f} ms "
                             f"| {r[f'on_{q}_ratio']:.2f} | {r[f'on_no_wait_{q}_ms']:.2f} ms | "
                             f"{r[f'on_no_wait_{q}_ratio']:.2f} | {target} |")
-    arms = ("off", "on", "on_no_wait", "on_every_8")
-    rows += ["", "| measure | off | on (defaults) | on, lag 1, never waiting | on, plan_every 8 |",
-             "|---|---:|---:|---:|---:|"]
+    arms = ("off", "on", "on_no_wait", "on_every_8", "off_last")
+    rows += ["", "| measure | off | on (defaults) | on, lag 1, never waiting | on, plan_every 8 | off, last in round |",
+             "|---|---:|---:|---:|---:|---:|"]
     for key, r in report["itl"].items():
         if isinstance(r, dict) and "off_ttft_ms" in r:
             rows.append(f"| ITL p50 per round, {key.replace('_', ' ')} | "

@@ -101,6 +101,27 @@ def test_the_verifier_verdict_on_the_final_answer_is_in_usage(server):
     assert verdicts == {r"[\s\S]*": ("regex", True), "never": ("regex", False)}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_verdict_is_in_a_completions_usage_too(server, stream):
+    body = {"prompt": "Q: 47+38=\nA: ", "max_tokens": 8, "temperature": 0, "stop": ["\n"], "stream": stream,
+            "think": {"verifier": "json", "simulations": 8}}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+        with httpx.stream("POST", server + "/v1/completions", json=body, timeout=120) as r:
+            chunks = [json.loads(data) for _, data in sse_events(r.iter_lines()) if data != "[DONE]"]
+        text = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
+        think = chunks[-1]["usage"]["think"]
+    else:
+        reply = httpx.post(server + "/v1/completions", json=body, timeout=120).json()
+        text, think = reply["choices"][0]["text"], reply["usage"]["think"]
+    try:
+        json.loads(text)
+        parses = True
+    except ValueError:
+        parses = False
+    assert (think["verifier"], think["verified"]) == ("json", parses)
+
+
 def test_think_without_a_planner_is_a_clear_400(tmp_path):
     with running_server(tiny_checkpoint(tmp_path / "tiny")) as url:
         r = httpx.post(url + "/v1/completions", json={"prompt": "x", "think": {}})
