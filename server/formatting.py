@@ -106,7 +106,9 @@ def thought_of(event: ThoughtEvent, rid: str, tokenizer: Tokenizer) -> ThinkThou
     return ThinkThought(id=rid, planned_at=event.planned_at, applied_at=event.applied_at, outcome=event.outcome,
                         confidence=round(event.confidence, 6), a_eff=round(event.a_eff, 6),
                         delta_norm=round(event.delta_norm, 6), path=tokenizer.decode(event.path),
-                        path_token_ids=event.path, simulations=event.simulations)
+                        path_token_ids=event.path, simulations=event.simulations,
+                        chosen=None if event.chosen is None else tokenizer.decode([event.chosen]),
+                        chosen_token_id=event.chosen)
 
 
 class OpenAIFormat:

@@ -26,10 +26,14 @@ from pydantic import (
     Field,
     StringConstraints,
     Tag,
+    ValidationInfo,
     field_validator,
 )
 
 from engine.thinking import ThinkParams
+from planner.verifiers import MAX_PATTERN_CHARS, VERIFIERS, VerifierError, compile_pattern
+
+VERIFIER_NAMES = tuple(sorted(VERIFIERS))
 
 MAX_TOKENS = 1 << 31  # max_tokens / max_completion_tokens; the engine then holds them to the context limit
 MAX_TOP_K = 1 << 20  # the engine then holds top_k to the vocabulary
@@ -110,7 +114,9 @@ _THINK = ThinkParams()  # the engine's defaults are the API's
 class ThinkOptions(_Request):
     """Deliberation settings (extension): the ``think`` object, or the top-level fields of ``/think``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={  # the one rule between fields, stated
+        "if": {"properties": {"verifier": {"const": "regex"}}, "required": ["verifier"]},
+        "then": {"required": ["verifier_pattern"]}})
 
     deliberation_lag: Int = Field(_THINK.deliberation_lag, ge=0, le=64,
                                   description="tokens between the state a plan reads and the step it lands on")
@@ -125,6 +131,28 @@ class ThinkOptions(_Request):
     trust_region: float = Field(_THINK.trust_region, ge=0.0, le=10.0)
     wait: bool = Field(_THINK.wait, description="bounded lag: at apply_at the sequence waits for its plan while the "
                                                 "others decode; false: never wait, late deltas land later or go stale")
+    delta: Literal["decision", "child"] = Field(_THINK.delta, description="decision: the minimal change making the "
+                                                "search's choice win the step it lands on; child: the old best-child "
+                                                "state change, blended at injection_rate * confidence")
+    verifier: Literal[VERIFIER_NAMES] | None = Field(  # type: ignore[valid-type]
+        None, description="the search's reward where a branch ends the answer (a stop string or EOS); its verdict on "
+                          "the final answer is reported in usage.think")
+    verifier_pattern: Annotated[Text, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)] | None = Field(
+        None, validate_default=True, json_schema_extra={"format": "regex"},
+        description="the regex verifier's pattern (the whole answer must match it; required with verifier 'regex', "
+                    "ignored by the others); refused when it does not compile or backtracks catastrophically")
+
+    @field_validator("verifier_pattern")
+    @classmethod
+    def _usable_pattern(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """The regex verifier's pattern must be there, compile and match in bounded time; the others ignore it."""
+        if info.data.get("verifier") != "regex":
+            return None
+        try:
+            compile_pattern(v)
+        except VerifierError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
 
 THINK_FIELDS = tuple(ThinkOptions.model_fields)

@@ -112,6 +112,7 @@ async def collect(serving: Serving, gen: Generation, request: Request) -> tuple[
                     if isinstance(event, TokenEvent):
                         events.append(event)
                     elif isinstance(event, FinishEvent):
+                        serving.record_verdict(gen, event, "".join(e.text for e in events) + event.text)
                         return events, event
             raise asyncio.CancelledError
         finally:
@@ -149,6 +150,7 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
         if head:
             yield head
     last, offset, produced, head_due = [0.0], 0, 0, continuous_usage
+    answer: list[str] | None = [] if serving.wants_verdict(gen) else None  # for the verifier's verdict at finish
     async for batch in batches(gen):
         out: list[bytes] = []
         now = time.monotonic()  # the batch is written as one frame right after: TTFT/ITL as the client sees them
@@ -163,6 +165,8 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
             observe(gen, event, last, now)
             if isinstance(event, TokenEvent):
                 produced += 1
+                if answer is not None:
+                    answer.append(event.text)
                 if not (with_logprobs or event.text):
                     continue
                 usage = usage_json(handle.prompt_tokens or 0, produced, handle.cached_tokens) \
@@ -173,6 +177,8 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
                 else:
                     out.append(template.render(event.text, None, usage))
             elif isinstance(event, FinishEvent):
+                if answer is not None:
+                    serving.record_verdict(gen, event, "".join(answer) + event.text)
                 out.append(sse(engine_error(event)) if event.reason == "error"
                            else sse_model(fmt.final_chunk(event, continuous_usage)))
                 if include_usage:
@@ -187,6 +193,7 @@ async def think_events(serving: Serving, gen: Generation, rid: str) -> AsyncIter
     """The SSE body of ``/think``: ``token`` and ``thought`` events, then one ``done`` (or ``error``) event."""
     last, index, observe = [0.0], 0, serving.observe
     session_id = gen.session_id
+    texts: list[str] = []  # the answer so far, for the verifier's verdict at finish
     async for batch in batches(gen):
         out: list[bytes] = []
         now = time.monotonic()
@@ -194,12 +201,14 @@ async def think_events(serving: Serving, gen: Generation, rid: str) -> AsyncIter
             observe(gen, event, last, now)
             if isinstance(event, TokenEvent):
                 out.append(sse({"id": rid, "index": index, "token_id": event.token_id, "text": event.text}, "token"))
+                texts.append(event.text)
                 index += 1
             elif isinstance(event, ThoughtEvent):
                 out.append(sse_model(thought_of(event, rid, serving.tokenizer), "thought"))
             elif event.reason == "error":
                 out.append(sse(engine_error(event), "error"))
             else:
+                serving.record_verdict(gen, event, "".join(texts) + event.text)
                 done = ThinkDone(id=rid, text=event.text, finish_reason=finish_reason(event), usage=usage_of(event),
                                  session_id=session_id)
                 out.append(sse_model(done, "done"))
