@@ -209,5 +209,6 @@ def test_a_think_stream_past_the_drain_timeout_ends_with_its_done_event(checkpoi
             events = sse_events([*head, *lines])
         assert proc.wait(timeout=40) == 0
     kinds = [kind for kind, _ in events]
-    assert kinds[0] == "token" and kinds.count("done") == 1 and kinds[-1] == "done" and "error" not in kinds
+    # with the default lag of 0 a plan (a ``thought``) may come before the first token
+    assert kinds[0] in ("token", "thought") and "token" in kinds and kinds.count("done") == 1 and kinds[-1] == "done" and "error" not in kinds
     assert json.loads(events[-1][1])["finish_reason"] == "abort"
