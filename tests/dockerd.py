@@ -36,6 +36,7 @@ import pytest
 OFFICIAL_BASE = "python:3.11-slim-bookworm"
 LOCAL_BASE = "crsm-local/python:3.11-bookworm"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crsm-serve" / "docker"
+MIRROR_PORT = 38517
 DEBIAN_MIRROR = os.environ.get("CRSM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 
 
@@ -216,7 +217,10 @@ def pip_mirror(base: str, env: dict[str, str]) -> Iterator[dict[str, str]]:
         if extra:
             args["PIP_CERT_PEM"] = "\n".join(extra)
     handler = type("Mounts", (_Mounts,), {"mounts": mounts})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:  # one port from run to run: the URLs are build arguments, so a new port would miss the build cache
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", MIRROR_PORT), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True, name="pip-mirror")
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}"

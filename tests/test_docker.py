@@ -57,11 +57,14 @@ def build(context: Path, tag: str, args: dict[str, str], env: dict[str, str], lo
     """``docker build`` with the host's network (the pip mirror listens on loopback); its seconds."""
     flags = [f for k, v in args.items() for f in ("--build-arg", f"{k}={v}")]
     started = time.monotonic()
-    with open(log, "w") as out:
-        done = subprocess.run(["nice", "-n", "10", "docker", "build", "--network", "host", "-t", tag, *flags,
-                               str(context)], check=False, env={**env, "DOCKER_BUILDKIT": BUILDKIT}, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=1200)
-    assert done.returncode == 0, f"docker build failed ({log}):\n{log.read_text()[-4000:]}"
+    with open(log, "w") as out, subprocess.Popen(
+            ["nice", "-n", "10", "docker", "build", "--network", "host", "-t", tag, *flags, str(context)],
+            env={**env, "DOCKER_BUILDKIT": BUILDKIT}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True) as proc:
+        # Each line stamped with the seconds since the start: where the time goes.
+        out.writelines(f"{time.monotonic() - started:7.1f} {line}" for line in proc.stdout)
+        code = proc.wait(timeout=1200)
+    assert code == 0, f"docker build failed ({log}):\n{log.read_text()[-4000:]}"
     return time.monotonic() - started
 
 
@@ -217,6 +220,8 @@ def test_docker_stop_during_a_stream_ends_it_with_its_final_event(daemon, contai
         assert events[-1][1] == "[DONE]" and final is not None, lines[-3:]
         assert exit_code == 0  # it exited by itself inside the grace: no SIGKILL (137)
     else:  # today: no drain. STRICTER CHECK PENDING on branch `drain` (the branch above).
+        # Uvicorn's shutdown ends the stream with its final event, but the process outlives the grace: SIGKILL.
+        assert events and events[-1][1] == "[DONE]" and final is not None, lines[-3:]
         shout(pytestconfig, "docker stop: the drain is not in this server yet: checked only that the stream ended "
                             f"and the container stopped (exit {exit_code}, final event: {final})")
         assert not inspect(name, daemon)["State"]["Running"]

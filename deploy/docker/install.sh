@@ -17,8 +17,9 @@
 #               step installed its build requirements), made importable by a
 #               .pth file the deps step wrote: one small folder per edit.
 # Environment: PYTHON (default python3), TORCH_VERSION (default 2.13.0),
-# TORCH_INDEX_URL (an index holding CPU torch wheels; empty or unset: pip's own
-# configuration decides), CRSM_SITE (default /opt/crsm/site), PIP_CERT_PEM (PEM
+# TORCH_INDEX_URL (the index torch comes from; empty or unset: pip's own
+# configuration decides), CUDA_PINS (requirements added for cuda, e.g. the
+# kernels' versions), CRSM_SITE (default /opt/crsm/site), PIP_CERT_PEM (PEM
 # text of CA certificates pip trusts besides its own bundle, for the deps step).
 # pip reads its other settings from PIP_* variables or a pip.conf.
 set -eu
@@ -81,9 +82,15 @@ deps() {
       isolation=""
       ;;
     cuda)
-      pip "torch==$torch_version" packaging ninja wheel "setuptools>=68"
+      if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        pip --index-url "$TORCH_INDEX_URL" "torch==$torch_version"
+      else
+        pip "torch==$torch_version"
+      fi
+      pip packaging ninja wheel "setuptools>=68"
       check_torch cuda
       requirements "$dir/pyproject.toml" cuda > /tmp/crsm-requirements.txt
+      for pin in ${CUDA_PINS:-}; do echo "$pin" >> /tmp/crsm-requirements.txt; done
       isolation="--no-build-isolation"
       ;;
     *) usage ;;
