@@ -72,6 +72,16 @@ def _answers(env: dict[str, str]) -> bool:
         return False
 
 
+def as_root() -> list[str] | None:
+    """The prefix that runs a command as root: none for root, ``sudo -n`` where it needs no password, else None."""
+    if os.geteuid() == 0:
+        return []
+    if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], check=False, capture_output=True,
+                                               timeout=30).returncode == 0:
+        return ["sudo", "-n"]
+    return None
+
+
 @contextmanager
 def docker_daemon(config: pytest.Config) -> Iterator[dict[str, str]]:
     """Yield the environment under which ``docker`` reaches a daemon (started here if none runs)."""
@@ -84,16 +94,17 @@ def docker_daemon(config: pytest.Config) -> Iterator[dict[str, str]]:
     dockerd = shutil.which("dockerd") or shutil.which("dockerd", path="/usr/sbin:/sbin")
     if dockerd is None:
         cannot_run(config, "no daemon answers and there is no dockerd to start (apt-get install docker.io)")
-    if os.geteuid() != 0:
-        cannot_run(config, "no daemon answers and dockerd needs root to start")
+    root = as_root()
+    if root is None:
+        cannot_run(config, "no daemon answers, dockerd needs root, and this user is not root nor has sudo -n")
     CACHE.mkdir(parents=True, exist_ok=True)
     run = Path(tempfile.mkdtemp(prefix="crsm-dockerd-", dir="/tmp"))  # short: a unix socket path is <108 bytes
     env["DOCKER_HOST"] = f"unix://{run / 'docker.sock'}"
     with open(run / "dockerd.log", "w") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen([dockerd, "--data-root", str(CACHE / "data"), "--exec-root", str(run / "exec"),
-                                 "--pidfile", str(CACHE / "dockerd.pid"), "--host", env["DOCKER_HOST"],
-                                 "--bridge", "none", "--iptables=false", "--ip-forward=false"],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*root, dockerd, "--data-root", str(CACHE / "data"), "--exec-root",
+                                 str(run / "exec"), "--pidfile", str(CACHE / "dockerd.pid"), "--host",
+                                 env["DOCKER_HOST"], "--group", str(os.getgid()), "--bridge", "none",
+                                 "--iptables=false", "--ip-forward=false"], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while not _answers(env):
@@ -103,13 +114,13 @@ def docker_daemon(config: pytest.Config) -> Iterator[dict[str, str]]:
             time.sleep(0.5)
         yield env
     finally:
-        proc.terminate()
+        proc.terminate()  # sudo passes the signal on
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-        shutil.rmtree(run, ignore_errors=True)
+        subprocess.run([*root, "rm", "-rf", str(run)], check=False, timeout=60)
 
 
 def has_image(name: str, env: dict[str, str]) -> bool:
@@ -124,25 +135,26 @@ def base_image(env: dict[str, str]) -> tuple[str, str]:
         return OFFICIAL_BASE, "pulled"
     if has_image(LOCAL_BASE, env):
         return LOCAL_BASE, "debootstrap stand-in, cached in the daemon"
+    # debootstrap bookworm minbase: Debian's python3 is 3.11, as in the official image (python3, not python)
     debootstrap = shutil.which("debootstrap") or shutil.which("debootstrap", path="/usr/sbin:/sbin")
-    assert debootstrap, f"{OFFICIAL_BASE} cannot be pulled and debootstrap is missing (apt-get install debootstrap)"
-    with tempfile.TemporaryDirectory(prefix="crsm-rootfs-") as tmp:
-        rootfs = Path(tmp) / "rootfs"
-        done = subprocess.run(["nice", "-n", "10", debootstrap, "--variant=minbase",
+    root = as_root()
+    assert debootstrap and root is not None, \
+        f"{OFFICIAL_BASE} cannot be pulled, and debootstrap (apt-get install debootstrap, run as root) cannot run"
+    rootfs = Path(tempfile.mkdtemp(prefix="crsm-rootfs-")) / "rootfs"
+    try:
+        done = subprocess.run([*root, "nice", "-n", "10", debootstrap, "--variant=minbase",
                                "--include=python3,python3-venv,ca-certificates", "bookworm", str(rootfs),
                                DEBIAN_MIRROR], check=False, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"debootstrap failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-        for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
-                     "usr/share/locale", "usr/share/info"):
-            for path in (rootfs / junk).glob("*"):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        docker("import", "--change", "ENV LANG=C.UTF-8", "--change", 'CMD ["python3"]', "-", LOCAL_BASE,
-               env=env, timeout=300, stdin=tar.stdout)
-        assert tar.wait(timeout=60) == 0
+        junk = ("var/cache/apt/archives/*.deb", "var/lib/apt/lists/*", "usr/share/doc/*", "usr/share/man/*",
+                "usr/share/locale/*", "usr/share/info/*")
+        subprocess.run([*root, "sh", "-c", f"cd {rootfs} && rm -rf {' '.join(junk)}"], check=True, timeout=120)
+        with subprocess.Popen([*root, "tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+            docker("import", "--change", "ENV LANG=C.UTF-8", "--change", 'CMD ["python3"]', "-", LOCAL_BASE,
+                   env=env, timeout=300, stdin=tar.stdout)
+            assert tar.wait(timeout=60) == 0
+    finally:
+        subprocess.run([*root, "rm", "-rf", str(rootfs.parent)], check=False, timeout=120)
     return LOCAL_BASE, "debootstrap stand-in, made now"
 
 

@@ -56,7 +56,7 @@ def copied_sources(stage: list[tuple[str, str]]) -> list[str]:
 # -- the install script: what the image runs, run here in a fresh venv ------------------------------------------
 
 
-@pytest.mark.timeout(280)
+@pytest.mark.timeout(480)
 def test_install_script_builds_a_working_server_in_a_fresh_venv(tmp_path):
     """The build stages' COPYs and RUNs in order, in a fresh venv: the dependencies with only pyproject.toml and
     the script present (the cached layer), then the source and the project; then the image's CMD and
