@@ -120,6 +120,11 @@ def docker_daemon(config: pytest.Config) -> Iterator[dict[str, str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+        # dockerd leaves its network namespace bind-mounted under the exec root: unmount what is left there.
+        left = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                if line.split()[1].startswith(str(run) + "/")]
+        for mount in reversed(left):
+            subprocess.run([*root, "umount", mount], check=False, timeout=60)
         subprocess.run([*root, "rm", "-rf", str(run)], check=False, timeout=60)
 
 
