@@ -4,7 +4,7 @@ A daemon (reused, or Debian's dockerd started here), a base image (pulled, or a 
 pip settings passed into the build on purpose (tests/dockerd.py says how), then: the CPU image is built from
 this checkout; its configuration is checked; a one-line source edit rebuilds only the project's layer; the
 container runs read-only as uid 10001, becomes healthy, serves /ready, a streamed chat completion and /metrics;
-``docker stop`` during a stream ends that stream with its final event. Skipped only where no container daemon
+``docker stop`` during a stream drains: the stream ends with its final event and the server exits 0. Skipped only where no container daemon
 can run, and then loudly. Figures (build time, image size, time to healthy, stop time) are printed at the end
 and written to the JSON file named by CRSM_DOCKER_RESULTS when set (loadtest/results/docker_build.json).
 """
@@ -22,15 +22,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.cli import OPTIONS
 from tests.dockerd import base_image, docker, docker_daemon, pip_mirror, shout
 from tests.serving import ROOT, free_port, metric_value, sse_events
 
 TAG = "crsm-serve:ci"
 EDITED_TAG = "crsm-serve:ci-edited"
 BUILDKIT = os.environ.get("CRSM_DOCKER_BUILDKIT", "0")  # 0: the legacy builder, the one every docker has
-# The drain on SIGTERM (branch `drain`): until it lands, `docker stop` cuts a stream; then the strict check runs.
-DRAIN = any(opt.flag == "--drain-timeout" for opt in OPTIONS)
+# `docker stop`'s grace in the stop test: generous, so that what is checked is the drain's behaviour (final event,
+# exit 0 by itself), not the machine's speed; the seconds it took are measured against the default 10 s.
+STOP_GRACE = 30
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -188,8 +188,9 @@ def test_container_serves_a_stream_as_uid_10001(daemon, container):
     assert any(m["Destination"] == "/var/lib/crsm/sessions" for m in inspect(name, daemon)["Mounts"])
 
 
-def test_docker_stop_during_a_stream_ends_it_with_its_final_event(daemon, container, figures, pytestconfig):
-    """Runs last: it stops the container. Strict once the drain (CRSM_DRAIN_TIMEOUT) is in the server."""
+def test_docker_stop_during_a_stream_ends_it_with_its_final_event(daemon, container, figures):
+    """Runs last: it stops the container. SIGTERM starts the drain (CRSM_DRAIN_TIMEOUT=8 in the image): the stream
+    in flight ends with its final event and [DONE], and the server exits 0 by itself."""
     url, name = container
     body = {"prompt": "def", "max_tokens": 30000, "ignore_eos": True, "stream": True}
     lines: list[str] = []
@@ -201,7 +202,7 @@ def test_docker_stop_during_a_stream_ends_it_with_its_final_event(daemon, contai
                 for line in r.iter_lines():
                     lines.append(line)
                     first.set()
-        except httpx.HTTPError as e:  # the connection cut: what a stream without the drain gets
+        except httpx.HTTPError as e:  # the connection cut
             lines.append(f"! {type(e).__name__}")
         first.set()
 
@@ -209,21 +210,14 @@ def test_docker_stop_during_a_stream_ends_it_with_its_final_event(daemon, contai
     reader.start()
     assert first.wait(60) and not lines[0].startswith("!"), lines
     started = time.monotonic()
-    docker("stop", name, env=daemon, timeout=60)  # the default grace: 10 s, then SIGKILL
-    figures["stop_seconds"] = round(time.monotonic() - started, 2)
+    docker("stop", "-t", str(STOP_GRACE), name, env=daemon, timeout=STOP_GRACE + 60)
+    seconds = time.monotonic() - started
     reader.join(30)
     assert not reader.is_alive(), "the stream outlived the container"
     events = sse_events(line for line in lines if not line.startswith("!"))
     exit_code = inspect(name, daemon)["State"]["ExitCode"]
     final = json.loads(events[-2][1])["choices"][0]["finish_reason"] if len(events) > 1 else None
-    figures.update(stop_exit_code=exit_code, stop_stream_ended_with_done=bool(events) and events[-1][1] == "[DONE]",
+    figures.update(stop_seconds=round(seconds, 2), stop_within_default_grace=seconds < 10, stop_exit_code=exit_code,
                    stop_final_finish_reason=final, stop_streamed_chunks=len(events))
-    if DRAIN:
-        assert events[-1][1] == "[DONE]" and final is not None, lines[-3:]
-        assert exit_code == 0  # it exited by itself inside the grace: no SIGKILL (137)
-    else:  # today: no drain. STRICTER CHECK PENDING on branch `drain` (the branch above).
-        # Uvicorn's shutdown ends the stream with its final event, but the process outlives the grace: SIGKILL.
-        assert events and events[-1][1] == "[DONE]" and final is not None, lines[-3:]
-        shout(pytestconfig, "docker stop: the drain is not in this server yet: checked only that the stream ended "
-                            f"and the container stopped (exit {exit_code}, final event: {final})")
-        assert not inspect(name, daemon)["State"]["Running"]
+    assert events and events[-1][1] == "[DONE]" and final == "abort", lines[-3:]  # cut by the drain, not the kill
+    assert exit_code == 0  # it exited by itself: no SIGKILL (137)
