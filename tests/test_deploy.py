@@ -193,10 +193,10 @@ def test_the_images_environment_is_accepted_by_the_server():
                 mp.setenv(name, value)
             args = parse_args([])
         assert args.host == "0.0.0.0" and args.port == 8000 and args.checkpoint == "/opt/crsm/checkpoints/default"
-        known = {opt.env for opt in OPTIONS}
+        known = {opt.env: opt for opt in OPTIONS}
         for name, value in pairs.items():
             if name in known:
-                assert str(getattr(args, name[len("CRSM_"):].lower())) == value
+                assert getattr(args, name[len("CRSM_"):].lower()) == known[name].type(value), name
 
 
 def test_dockerignore_keeps_what_the_dockerfiles_copy_and_little_else():
