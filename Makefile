@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: serve test reliability loadtool bench bench-planner loadtest train eval dashboard docker compose venv clean
+.PHONY: serve test reliability loadtool bench bench-planner loadtest train eval dashboard docker docker-cuda docker-test compose venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -65,10 +65,21 @@ eval: $(STAMP)
 dashboard: $(STAMP)
 	$(PY) -m loadtest.dashboard_png --live --out deploy/dashboard.png
 
-# Where a container engine runs.
+# Where a container engine runs (README, "Run with Docker"). pip's settings go in as build arguments:
+#   make docker DOCKER_BUILD_ARGS="--build-arg PIP_INDEX_URL=https://mirror.example/simple"
 docker:
-	docker build -t crsm-serve:cpu .
+	docker build $(DOCKER_BUILD_ARGS) -t crsm-serve:cpu .
 
+# Needs BuildKit (DOCKER_BUILDKIT=1 with a 20.10 CLI, or buildx); a pip.conf can go in as a secret:
+#   make docker-cuda DOCKER_BUILD_ARGS="--secret id=pip.conf,src=$$HOME/.config/pip/pip.conf"
+docker-cuda:
+	DOCKER_BUILDKIT=1 docker build $(DOCKER_BUILD_ARGS) -f deploy/docker/cuda.Dockerfile -t crsm-serve:cuda .
+
+# The image built and run for real, as `make test` does (tests/test_docker.py), its figures written down.
+docker-test: $(STAMP)
+	CRSM_DOCKER_RESULTS=loadtest/results/docker_build.json $(PY) -m pytest -q tests/test_docker.py
+
+# Compose v2 (`docker compose`); Grafana's admin password has no default.
 compose:
 	docker compose -f deploy/compose.yaml up --build
 

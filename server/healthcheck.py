@@ -1,8 +1,11 @@
-"""``python -m server.healthcheck``: exit 0 when the local server answers ``/health`` with 200, else 1.
+"""``python -m server.healthcheck``: exit 0 when the local server answers ``/ready`` with 200, else 1.
 
 The container's HEALTHCHECK runs this instead of curl, so the slim image needs
-no extra package. It reads the port from ``CRSM_PORT`` like the server does;
-a wildcard bind address (0.0.0.0, ::) is probed on loopback.
+no extra package. It probes ``/ready``, not ``/health``: "healthy" is what
+compose's ``service_healthy`` and a load balancer act on, so it means the model
+is loaded and warmed up (``/ready`` is 503 while the engine thread is down, too).
+It reads the port from ``CRSM_PORT`` like the server does; a wildcard bind
+address (0.0.0.0, ::) is probed on loopback.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
 
 
 def health_url(environ: dict[str, str] | None = None) -> str:
-    """The URL to probe: ``CRSM_HEALTHCHECK_URL`` if set, else ``/health`` on the server's own host and port."""
+    """The URL to probe: ``CRSM_HEALTHCHECK_URL`` if set, else ``/ready`` on the server's own host and port."""
     env = os.environ if environ is None else environ
     if env.get("CRSM_HEALTHCHECK_URL"):
         return env["CRSM_HEALTHCHECK_URL"]
@@ -24,7 +27,7 @@ def health_url(environ: dict[str, str] | None = None) -> str:
     host = "127.0.0.1" if host in WILDCARDS else host
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"http://{host}:{env.get('CRSM_PORT', '8000')}/health"
+    return f"http://{host}:{env.get('CRSM_PORT', '8000')}/ready"
 
 
 def check(url: str, timeout: float = 3.0) -> bool:
