@@ -80,11 +80,13 @@ class _Process:
         self.conn.close()
 
     def stop(self) -> None:
+        """Ask the worker to exit, then kill it: it holds nothing worth waiting for, and a stop must fit inside the
+        container's stop grace (a niced worker on a loaded machine took seconds to be scheduled and exit)."""
         try:
             self.conn.send(("stop",))
         except OSError:
             pass
-        self.proc.join(timeout=2)
+        self.proc.join(timeout=0.5)
         self.kill()
 
 
@@ -144,10 +146,10 @@ class PlannerPool:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        running = [shard.process for shard in self._shards if shard.process is not None]
+        await asyncio.gather(*(asyncio.to_thread(process.stop) for process in running))
         for shard in self._shards:
-            if shard.process is not None:
-                await asyncio.to_thread(shard.process.stop)
-                shard.process = None
+            shard.process = None
         self._tasks = []
 
     @property
