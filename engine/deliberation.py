@@ -1,7 +1,10 @@
 """Deliberation in the decode loop: plan jobs out to a planner, state deltas back into live rows.
 
-A sequence that thinks posts a :class:`~engine.thinking.PlanJob` every
-``plan_every`` tokens (the first at its first generated token). The
+A sequence that thinks holds its prompt's last token back from the prefill
+(:meth:`Deliberation.begin`), so the step that chooses its first generated
+token is a decode step a plan can land on; it posts a
+:class:`~engine.thinking.PlanJob` every ``plan_every`` steps, the first one
+before that first choice (steps: see :mod:`engine.thinking`). The
 planner's answers arrive on any thread through :meth:`Deliberation.post_result`
 and are sorted to their sequences before each decode step; a delta that is
 due is landed (gated injection, :func:`engine.injection.land`) on the
@@ -38,11 +41,22 @@ if TYPE_CHECKING:
 class PlanState:
     """A thinking sequence's plans: jobs posted and not answered, deltas waiting for their step."""
 
-    last_plan: int | None = None  # ``fed`` when the newest job was posted
+    held: list[int] = field(default_factory=list)  # the prompt's last token, held back from the prefill
+    last_plan: int | None = None  # the step of the newest job
     outstanding: dict[int, int] = field(default_factory=dict)  # planned_at -> apply_at of unanswered jobs
     deltas: list[StateDelta] = field(default_factory=list)
     totals: ThinkTotals = field(default_factory=ThinkTotals)
     paused_since: float = 0.0
+
+
+def decision_tokens(seq: ActiveSequence) -> list[int]:
+    """A thinking sequence's held prompt token, then its generated tokens; the last one is pending."""
+    return seq.plans.held + seq.generated
+
+
+def held(seq: ActiveSequence) -> int:
+    """Prompt tokens a sequence keeps out of its prefill (1 when it thinks): the first decode step feeds it."""
+    return len(seq.plans.held) if seq.plans is not None else 0
 
 
 class Deliberation:
@@ -69,24 +83,41 @@ class Deliberation:
 
     # A sequence's life -----------------------------------------------------
     def begin(self, seq: ActiveSequence) -> None:
+        """Start thinking for an admitted sequence: hold its last prompt token back (see :func:`held`).
+
+        Not at rate 0: nothing can land then, and the prompt goes in as one prefill, so the tokens and
+        logprobs are bit-identical to not thinking (a decode step and the chunked prefill agree on the
+        tokens, not on the last bits of the logits).
+        """
+        seq.plans.held = seq.to_feed[-1:] if seq.req.think.injection_rate > 0 else []
         self._thinking[seq.handle.id] = seq
 
     def end(self, seq: ActiveSequence) -> None:
-        """Forget a sequence's plans; the planner may drop its tree."""
+        """Forget a sequence's plans (those still unanswered are counted, ``unanswered``); the planner may drop
+        its tree. Called before the sequence's final event, so these thoughts come before it."""
         if self._thinking.pop(seq.handle.id, None) is not None and self.link is not None:
             self.link.discard(seq.handle.id)
+        now = time.monotonic()
+        for planned_at in sorted(seq.plans.outstanding):
+            self._thought(seq, ThoughtEvent(planned_at, None, "unanswered", 0.0, 0.0, 0.0, [], 0, now))
+        for delta in seq.plans.deltas:  # answered but never due: the sequence ended first
+            self._thought(seq, ThoughtEvent(delta.planned_at, None, "unlanded", 0.0, 0.0, 0.0, delta.path,
+                                            delta.simulations, now))
         seq.plans.deltas.clear()
         seq.plans.outstanding.clear()
 
     # Jobs out ---------------------------------------------------------------
     def maybe_plan(self, seq: ActiveSequence, snapshot: Callable[[], MambaState], logits: Tensor) -> None:
         """Post a job if one is due; ``snapshot()`` copies the state, ``logits`` chose the pending token."""
-        params, plans, fed = seq.req.think, seq.plans, seq.fed
-        if self.link is None or (plans.last_plan is not None and fed - plans.last_plan < params.plan_every):
+        params, plans = seq.req.think, seq.plans
+        tokens = decision_tokens(seq)
+        step = len(tokens) - 1
+        if self.link is None or (plans.last_plan is not None and step - plans.last_plan < params.plan_every):
             return
-        job = PlanJob(seq.handle.id, fed, snapshot(), logits.detach().clone(), list(seq.generated), params)
-        plans.last_plan = fed
-        plans.outstanding[fed] = job.apply_at
+        job = PlanJob(seq.handle.id, step, snapshot(), logits.detach().clone(), tokens, params,
+                      list(seq.req.prompt_ids), len(plans.held), tuple(seq.req.stop))
+        plans.last_plan = step
+        plans.outstanding[step] = job.apply_at
         plans.totals.plans += 1
         self.link.submit(job)
 
@@ -118,7 +149,8 @@ class Deliberation:
         """planned_at of the jobs that must answer before the sequence's next step (when it waits)."""
         if seq.plans is None or not seq.req.think.synchronous:
             return []
-        return [t for t, apply_at in seq.plans.outstanding.items() if apply_at <= seq.fed]
+        step = len(decision_tokens(seq)) - 1
+        return [t for t, apply_at in seq.plans.outstanding.items() if apply_at <= step]
 
     def must_wait(self, seq: ActiveSequence) -> bool:
         if self._due_jobs(seq):
@@ -139,19 +171,21 @@ class Deliberation:
     # Landing -------------------------------------------------------------------
     def land_due(self, seq: ActiveSequence, h: Tensor) -> None:
         """Blend the sequence's due deltas into ``h``, its live SSM state (n_layer, d_inner, d_state)."""
-        plans, fed = seq.plans, seq.fed
+        plans = seq.plans
         if not plans.deltas:
             return
-        due = sorted((d for d in plans.deltas if d.apply_at <= fed), key=lambda d: d.planned_at)
-        plans.deltas = [d for d in plans.deltas if d.apply_at > fed]
+        tokens = decision_tokens(seq)
+        step = len(tokens) - 1  # the step about to run: it feeds tokens[step] and chooses the next token
+        due = sorted((d for d in plans.deltas if d.apply_at <= step), key=lambda d: d.planned_at)
+        plans.deltas = [d for d in plans.deltas if d.apply_at > step]
         for delta in due:
-            lag = fed - delta.planned_at
-            taken = seq.generated[delta.planned_at : fed + 1]  # tokens fed since planned_at, and the pending one
+            lag = step - delta.planned_at
+            taken = tokens[delta.planned_at : step + 1]  # tokens fed since planned_at, and the pending one
             landing = land(h, delta, taken, lag, seq.req.think, self.max_state_norm)
             self.observer.on_injection(landing.result, landing.confidence, landing.a_eff, lag)
-            self._thought(seq, ThoughtEvent(delta.planned_at, fed, landing.result, landing.confidence,
+            self._thought(seq, ThoughtEvent(delta.planned_at, step, landing.result, landing.confidence,
                                             landing.a_eff, landing.delta_norm, delta.path, delta.simulations,
-                                            time.monotonic()))
+                                            time.monotonic(), landing.chosen))
 
     def _thought(self, seq: ActiveSequence, event: ThoughtEvent) -> None:
         seq.plans.totals.count(event.outcome)

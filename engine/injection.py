@@ -1,8 +1,13 @@
 """Gated state injection: how a planner's target reaches a live SSM state.
 
+A decision delta (the default, :mod:`planner.decision`) lands at full
+strength when the gate passes and not at all when it does not:
+``a_eff = injection_rate * [confidence >= min_confidence] * decay ** realised_lag``
+(``injection_rate`` is 1 by default; its confidence is calibrated, so the gate
+is the search's own evidence). A ``"child"`` delta keeps the old blend,
 ``a_eff = injection_rate * gate(confidence) * decay ** realised_lag`` with
-``gate(c) = c`` for ``c >= min_confidence`` and 0 below; then, per layer,
-``h <- (1 - a_eff) * h + a_eff * h_target`` written as ``h + a_eff * (h_target - h)``.
+``gate(c) = c`` for ``c >= min_confidence`` and 0 below. Then, per layer,
+``h <- h + a_eff * change``.
 
 The state stays bounded whatever a planner sends: a target that is not
 finite is rejected, the change ``h_target - h`` is clipped per layer to a
@@ -32,12 +37,13 @@ class Injection:
     delta_norm: float  # norm of the change actually blended in (after clipping and a_eff)
 
 
-def effective_rate(confidence: float, params: ThinkParams, realised_lag: int) -> float:
+def effective_rate(confidence: float, params: ThinkParams, realised_lag: int, mode: str = "child") -> float:
     """``a_eff`` in [0, injection_rate]; 0 for a confidence below the gate or not a number in [0, 1]."""
     if not math.isfinite(confidence) or confidence < max(params.min_confidence, 0.0):
         return 0.0
     rate = min(max(params.injection_rate, 0.0), 1.0)
-    return rate * min(confidence, 1.0) * params.decay ** max(realised_lag, 0)
+    strength = 1.0 if mode == "decision" else min(confidence, 1.0)
+    return rate * strength * params.decay ** max(realised_lag, 0)
 
 
 @torch.no_grad()
@@ -70,6 +76,7 @@ class Landing:
     confidence: float
     a_eff: float
     delta_norm: float
+    chosen: int | None = None  # the search's choice at the node it landed on (the token a decision delta favours)
 
 
 def land(h: Tensor, delta: StateDelta, taken: Sequence[int], realised_lag: int, params: ThinkParams,
@@ -85,6 +92,7 @@ def land(h: Tensor, delta: StateDelta, taken: Sequence[int], realised_lag: int, 
     if branch is None:
         return Landing(found, 0.0, 0.0, 0.0)
     confidence = float(delta.confidences[branch])
-    injection = inject(h, delta.changes[branch], effective_rate(confidence, params, realised_lag),
+    injection = inject(h, delta.changes[branch], effective_rate(confidence, params, realised_lag, delta.mode),
                        params.trust_region, max_norm)
-    return Landing(injection.result, confidence, injection.a_eff, injection.delta_norm)
+    chosen = delta.choices[branch] if branch < len(delta.choices) else None
+    return Landing(injection.result, confidence, injection.a_eff, injection.delta_norm, chosen)

@@ -36,7 +36,7 @@ from functools import partial
 import torch
 
 from engine.batch import DecodeBatch, prefill_rows, sample_rows
-from engine.deliberation import Deliberation
+from engine.deliberation import Deliberation, held
 from engine.inflight import InFlight
 from engine.injection import DEFAULT_MAX_NORM
 from engine.models import MambaLMHeadModel
@@ -240,20 +240,29 @@ class Engine:
 
     # Prefill --------------------------------------------------------------
     def _prefill_some(self) -> int:
-        """Feed up to ``prefill_chunk`` prompt tokens, oldest sequences first, as one batch."""
+        """Feed up to ``prefill_chunk`` prompt tokens, oldest sequences first, as one batch.
+
+        A thinking sequence keeps its last prompt token back (:func:`engine.deliberation.held`): it joins the
+        decode batch with that token pending, so a plan can land on the step that chooses its first token.
+        """
         budget = self.prefill_chunk
         chosen: list[tuple[ActiveSequence, int]] = []
+        fed_already: list[ActiveSequence] = []  # only the held token is left
         for seq in self._flight.prefilling:
             if budget <= 0:
                 break
-            n = min(len(seq.to_feed), budget)
+            n = min(len(seq.to_feed) - held(seq), budget)
+            if n <= 0:
+                fed_already.append(seq)
+                continue
             chosen.append((seq, n))
             budget -= n
-        if not chosen:
-            return 0
-        done = self._prefill(chosen)
-        if done:
-            self._first_tokens([seq for seq, _ in done], torch.stack([logits for _, logits in done]))
+        done = self._prefill(chosen) if chosen else []
+        first = [(seq, logits) for seq, logits in done if not held(seq)]
+        if first:
+            self._first_tokens([seq for seq, _ in first], torch.stack([logits for _, logits in first]))
+        for seq, logits in [(seq, logits) for seq, logits in done if held(seq)] + [(s, None) for s in fed_already]:
+            self._to_decide(seq, logits)
         return sum(n for _, n in chosen)
 
     def _prefill(self, chosen: list[tuple[ActiveSequence, int]]) -> list[tuple[ActiveSequence, torch.Tensor]]:
@@ -272,7 +281,7 @@ class Engine:
             self._fail_row(seq, "prefill", exc)
             self._retire(seq, self._flight.detach(seq))
             return []
-        return [(seq, logits[row]) for row, (seq, _) in enumerate(chosen) if not seq.to_feed]
+        return [(seq, logits[row]) for row, (seq, _) in enumerate(chosen) if len(seq.to_feed) == held(seq)]
 
     def _first_tokens(self, seqs: list[ActiveSequence], logits: torch.Tensor) -> None:
         """Sequences whose prompt is all in: sample their first token, move them to the decode batch."""
@@ -286,6 +295,17 @@ class Engine:
             if seq.plans is not None:
                 self._deliberation.maybe_plan(seq, partial(self._flight.batch.copy_row, row), row_logits)
 
+    def _to_decide(self, seq: ActiveSequence, logits: torch.Tensor | None) -> None:
+        """A thinking sequence with only its held prompt token left joins the decode batch; its first plan goes out.
+
+        ``logits`` (after the prompt's other tokens, or None when there were none to feed) only give the
+        plan's root priors: the held token is the plan's forced first move.
+        """
+        state = self._flight.detach(seq)
+        row = self._flight.to_decode(seq, state if state is not None else self.model.allocate_state(1))
+        root = logits if logits is not None else torch.zeros(self.vocab)
+        self._deliberation.maybe_plan(seq, partial(self._flight.batch.copy_row, row), root)
+
     # Decode ---------------------------------------------------------------
     def _decode_step(self) -> None:
         if self._deliberation.active:
@@ -297,7 +317,7 @@ class Engine:
             if not self._flight.batch:
                 return
         seqs = list(self._flight.batch)
-        tokens = torch.tensor([s.generated[-1] for s in seqs])
+        tokens = torch.tensor([s.generated[-1] if s.generated else s.to_feed[-1] for s in seqs])
         try:
             logits = self.model.step(tokens, self._flight.batch.live())
         except Exception as exc:  # the shared forward: no row to blame, and the rows' states are half-written
@@ -305,6 +325,9 @@ class Engine:
                 self._fail_row(seq, "decode step", exc)
                 self._retire(seq, self._flight.detach(seq))
             return
+        for seq in seqs:
+            if not seq.generated:  # a thinking sequence's held prompt token is in now
+                seq.to_feed.clear()
         self._sample_and_accept(seqs, logits)
         if self._deliberation.active:
             for row, seq in enumerate(seqs):

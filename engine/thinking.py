@@ -5,23 +5,30 @@ of a sequence's state, its root logits and the tokens so far) through a
 :class:`PlannerLink`, and receives :class:`StateDelta` or :class:`PlanDropped`
 results through :meth:`engine.scheduler.Engine.post_result`, from any thread.
 
-Steps are counted per sequence as the number of generated tokens already fed
-into its state (the newest sampled token is always still pending). A job
-``planned_at = t`` read the state after ``t`` fed tokens; its delta is
-applied at the first step ``>= apply_at = t + deliberation_lag``.
+Steps. A thinking sequence holds its prompt's last token back from the
+prefill, so the choice of the first generated token is a decode step like
+every later one. Its *decision tokens* are ``[last prompt token] + generated``:
+step ``i`` feeds ``tokens[i]`` (pending until then) and its logits choose
+generated token ``i``. A job ``planned_at = t`` read the state before step
+``t``; its delta lands just before the first step ``>= apply_at = t +
+deliberation_lag`` (so lag 0 lands on the very step the plan was made for,
+and the first plan is due at the first generated token).
 
-What a delta holds (the target, re-rooted on the real state): the search
-tree below the token that was pending at ``planned_at``, as *branches*: for
-each searched node (keyed by its tokens from ``planned_at``, pending token
-first) the predicted state change of playing its best child, and the
-search's confidence there. Applied at realised lag ``r``, the tokens actually
-taken since ``planned_at`` (``r`` fed plus the pending one) are looked up:
-if the tree holds that node, the engine blends towards ``h_real + change``,
-the real state moved by the plan's next, still undecided, action. If the
-session left the tree where the search had looked at other moves, the delta
-is dropped as ``diverged``; if the tree does not reach that far, or the delta
-is older than ``max_staleness`` steps, as ``stale``. A future of another path
-is never blended in.
+What a delta holds, re-rooted on the real state: the search tree below the
+token pending at ``planned_at``, as *branches*. For each searched node (keyed
+by its tokens from ``planned_at``, pending token first; a node is the state
+after feeding its key) a change of the state *its last token is fed into*
+and the search's confidence there. ``delta = "decision"`` (the default): the
+minimal-norm change that makes the node's best child (the search's choice)
+win the step feeding the node's token (:mod:`planner.decision`), landed at
+full strength when the gate passes; ``"child"``: the old state increment of
+reading the best child, blended at ``injection_rate * confidence``. Landed
+at step ``s``, the tokens ``tokens[t : s + 1]`` are looked up: if the tree
+holds that node its change is added; if the session left the tree where the
+search had looked at other moves, the delta is dropped as ``diverged``; if
+the tree does not reach that far, or the delta is older than
+``max_staleness`` steps, as ``stale``. A future of another path is never
+blended in, and a delta is never applied to a step other than its own node's.
 """
 
 from __future__ import annotations
@@ -41,17 +48,20 @@ INJECTION_RESULTS = ("applied", "gated", "stale", "diverged", "rejected")
 class ThinkParams:
     """Per-request deliberation settings (``/think`` fields, or ``think`` on a completion)."""
 
-    deliberation_lag: int = 4  # tokens between the state a plan reads and the step it lands on
-    simulations: int = 32  # MCTS simulations per plan (leaf evaluations)
+    deliberation_lag: int = 0  # tokens between the state a plan reads and the step it lands on
+    simulations: int = 48  # MCTS simulations per plan (leaf evaluations)
     top_k_actions: int = 8  # actions per node: the top-k tokens of the policy
-    injection_rate: float = 0.1
-    min_confidence: float = 0.2  # gate: below it nothing is blended
-    plan_every: int = 8  # tokens between two plans of a sequence
-    time_budget_ms: float = 50.0  # wall-time budget of one search
+    injection_rate: float = 1.0  # a_eff when the gate passes ("decision"); times the confidence ("child")
+    min_confidence: float = 0.5  # gate: a branch whose (calibrated) confidence is below it lands nothing
+    plan_every: int = 4  # tokens between two plans of a sequence (the first is due at the first generated token)
+    time_budget_ms: float = 150.0  # wall-time budget of one search
     max_staleness: int = 32  # steps after planned_at beyond which a delta is dropped
     decay: float = 1.0  # a_eff is multiplied by decay ** realised_lag
     trust_region: float = 0.5  # ||change|| <= trust_region * max(||h||, 1) per layer
     wait: bool = True  # bounded lag: at apply_at the sequence waits for its plan (the others go on)
+    delta: str = "decision"  # "decision": make the search's choice win the step; "child": the old best-child state
+    verifier: str | None = None  # a planner.verifiers name: the reward where a branch ends the answer
+    verifier_pattern: str | None = None  # the pattern of the "regex" verifier
 
     @property
     def max_wait_s(self) -> float:
@@ -75,8 +85,11 @@ class PlanJob:
     planned_at: int
     state: MambaState  # a copy, batch 1: the planner never sees a live tensor
     root_logits: Tensor  # (vocab,) logits of the pending token
-    tokens: list[int]  # generated tokens so far; tokens[planned_at] is the pending one
+    tokens: list[int]  # the sequence's decision tokens so far (see Steps); tokens[planned_at] is the pending one
     params: ThinkParams
+    prompt: list[int] = field(default_factory=list)  # the prompt's tokens (a verifier reads the question)
+    answer_start: int = 1  # tokens[answer_start:] are generated (tokens[0] is the prompt's last token)
+    stop: tuple[str, ...] = ()  # the request's stop strings: where an answer ends for a verifier
 
     @property
     def apply_at(self) -> int:
@@ -96,6 +109,9 @@ class StateDelta:
     inner: frozenset[tuple[int, ...]] = frozenset()  # the nodes the search looked below (a branch or not)
     simulations: int = 0
     seconds: float = 0.0
+    mode: str = "decision"  # what the changes are: "decision" or "child" (see the module doc)
+    choices: list[int] = field(default_factory=list)  # per branch: the search's choice (the node's best child)
+    evidence: list[tuple[float, float]] = field(default_factory=list)  # per branch: (visit share, value advantage)
 
     def lookup(self, taken: Sequence[int]) -> tuple[str, int | None]:
         """("match", row) when the tree holds the node ``taken``; else ("diverged" | "stale", None)."""
@@ -131,6 +147,7 @@ class ThoughtEvent:
     path: list[int]
     simulations: int
     time: float
+    chosen: int | None = None  # the search's choice at the node the delta landed on
 
 
 @dataclass

@@ -9,9 +9,12 @@ For a batch of :class:`~engine.thinking.PlanJob` it
 2. forces the pending token (already sampled by the engine) as the first
    move, and searches below it, all trees' leaves batched together;
 3. returns the tree below that token as branches: for each searched node,
-   the state change of its best move (a difference of node states, which the
-   engine re-roots on the real state) and the search's confidence there, plus
-   the main line for display (see :mod:`engine.thinking`).
+   the search's choice there (its most visited child), the change of the
+   state the node's token is fed into that makes that choice win the step
+   (:mod:`planner.decision`, all branches of all jobs in one batched call;
+   or the old best-child state difference with ``delta="child"``), and the
+   search's confidence there (calibrated, :mod:`planner.calibrate`), plus the
+   main line for display (see :mod:`engine.thinking`).
 """
 
 from __future__ import annotations
@@ -20,23 +23,44 @@ import collections
 import logging
 from collections.abc import Hashable
 
+from dataclasses import dataclass
+
 import torch
 
+from engine.models import MambaLMHeadModel
+from engine.state import MambaState
 from engine.thinking import PlanJob, StateDelta
+from engine.tokenizer import ByteTokenizer, Tokenizer
+from planner.decision import decision_deltas
 from planner.search import SearchConfig, best_path, search
-from planner.simulators import Simulator, ssm_part
-from planner.tree import Tree, confidence
+from planner.simulators import BackboneSimulator, Simulator, ssm_part
+from planner.tree import Calibration, Node, Tree, confidence, decision_features
+from planner.verifiers import answer_reward
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Branches:
+    """One job's searched nodes below its forced prefix, and the branches the engine may land."""
+
+    keys: list[tuple[int, ...]]  # branch keys (tokens from planned_at), most visited first
+    nodes: dict[tuple[int, ...], Node]  # every node below the prefix, by key
+    inner: list[Node]  # the branch nodes, in the order of keys
+    changes: torch.Tensor | None = None  # (M, n_layer, d_inner, d_state)
+
+
 class Planner:
     def __init__(self, simulator: Simulator, config: SearchConfig = SearchConfig(), max_trees: int = 256,
-                 max_branches: int = 16):
+                 max_branches: int = 16, model: MambaLMHeadModel | None = None,
+                 calibration: Calibration | None = None, tokenizer: Tokenizer | None = None):
         self.simulator = simulator
         self.config = config
         self.max_trees = max_trees
         self.max_branches = max_branches
+        self.model = model if model is not None else getattr(simulator, "model", None)
+        self.calibration = calibration
+        self.tokenizer = tokenizer or ByteTokenizer()
         self._trees: collections.OrderedDict[Hashable, tuple[Tree, int]] = collections.OrderedDict()
 
     def forget(self, request_id: Hashable) -> None:
@@ -62,58 +86,97 @@ class Planner:
         roots = [self.simulator.root_states(job.state) for job in jobs]
         stacked = tuple(torch.cat([r[i] for r in roots], dim=1) for i in range(len(roots[0])))
         root_values = self.simulator.value(stacked).tolist()
-        trees = []
-        for job, states, value in zip(jobs, roots, root_values):
-            trees.append(self._tree_for(job, states, value))
-        config = self.config
+        trees = [self._tree_for(job, states, value) for job, states, value in zip(jobs, roots, root_values)]
         time_budget = min(job.params.time_budget_ms for job in jobs) / 1000.0
-        config = SearchConfig(**{**config.__dict__, "time_budget_s": time_budget})
+        config = SearchConfig(**{**self.config.__dict__, "time_budget_s": time_budget})
         prefixes = [job.tokens[job.planned_at : job.planned_at + 1] for job in jobs]
-        stats = search(trees, self.simulator, config, prefixes, budgets=[job.params.simulations for job in jobs])
+        rewards = [answer_reward(job, self.tokenizer) for job in jobs]
+        stats = search(trees, self.simulator, config, prefixes, budgets=[job.params.simulations for job in jobs],
+                       rewards=rewards)
+        found = [self._branches(tree, prefix, job.params.deliberation_lag)
+                 for job, tree, prefix in zip(jobs, trees, prefixes)]
+        modes = self._changes(jobs, trees, found)
         deltas = []
-        part = ssm_part(self.simulator)
-        for job, tree, prefix, st in zip(jobs, trees, prefixes, stats):
+        for job, tree, prefix, st, br, mode in zip(jobs, trees, prefixes, stats, found, modes):
             main_line = best_path(tree, prefix, job.params.deliberation_lag + job.params.max_staleness + 2)
-            branches, nodes, changes, confidences = self._branches(tree, prefix, part, job.params.deliberation_lag)
-            inner = frozenset(k for k, n in nodes.items() if n.visited_children())
+            inner_keys = frozenset(k for k, n in br.nodes.items() if n.visited_children())
             deltas.append(StateDelta(job.request_id, job.planned_at, job.apply_at, [n.token for n in main_line[1:]],
-                                     branches, changes, confidences, frozenset(nodes), inner, st.simulations,
-                                     st.seconds))
+                                     {k: i for i, k in enumerate(br.keys)}, br.changes,
+                                     [confidence(n, self.calibration) for n in br.inner], frozenset(br.nodes),
+                                     inner_keys, st.simulations, st.seconds, mode,
+                                     [n.best_child().token for n in br.inner],
+                                     [decision_features(n)[:2] for n in br.inner]))
             self._trees[job.request_id] = (tree, job.planned_at)
             self._trees.move_to_end(job.request_id)
         while len(self._trees) > self.max_trees:
             self._trees.popitem(last=False)
         return deltas
 
-    def _branches(self, tree: Tree, prefix: list[int], part: int, lag: int):
+    def _branches(self, tree: Tree, prefix: list[int], lag: int) -> _Branches:
         """The searched nodes below the forced prefix, keyed by their tokens from planned_at.
 
         Each node with a visited child, at least ``lag`` moves below the
-        prefix (a delta never lands earlier), becomes a branch: the change of
-        its best move and its confidence. The ``max_branches`` most visited
-        are kept (each is a full SSM state of change, shipped to the engine).
+        prefix (a delta never lands earlier), becomes a branch. The
+        ``max_branches`` most visited are kept (each is a full SSM state of
+        change, shipped to the engine).
         """
         start = tree.follow(prefix)
         if start is None:
-            return {}, {}, torch.zeros(0, *tree.store[part].shape[:1], *tree.store[part].shape[2:]), []
-        nodes: dict[tuple[int, ...], object] = {}
+            return _Branches([], {}, [])
+        nodes: dict[tuple[int, ...], Node] = {}
         stack = [(tuple(prefix), start)]
         while stack:
             key, node = stack.pop()
             nodes[key] = node
             stack.extend((key + (child.token,), child) for child in node.visited_children())
         inner = sorted(((k, n) for k, n in nodes.items() if n.visited_children() and len(k) >= len(prefix) + lag),
-                       key=lambda kn: -kn[1].visits)
-        inner = inner[: self.max_branches]
-        if not inner:
-            return {}, nodes, torch.zeros(0, *tree.store[part].shape[:1], *tree.store[part].shape[2:]), []
-        rows = [n.row for _, n in inner]
-        best_rows = [n.best_child().row for _, n in inner]
-        idx, best_idx = torch.tensor(rows), torch.tensor(best_rows)
-        store = tree.store[part]
-        changes = (store.index_select(1, best_idx) - store.index_select(1, idx)).transpose(0, 1).float().contiguous()
-        return ({k: i for i, (k, _) in enumerate(inner)}, nodes, changes,
-                [confidence(n) for _, n in inner])
+                       key=lambda kn: -kn[1].visits)[: self.max_branches]
+        return _Branches([k for k, _ in inner], nodes, [n for _, n in inner])
+
+    def _changes(self, jobs: list[PlanJob], trees: list[Tree], found: list[_Branches]) -> list[str]:
+        """Fill every job's branch changes (decision deltas in one batched call); the mode of each."""
+        part = ssm_part(self.simulator)
+        shape = trees[0].store[part].shape
+        modes = []
+        for job, tree, br in zip(jobs, trees, found):
+            mode = job.params.delta if self.model is not None else "child"
+            modes.append(mode)
+            if not br.inner:
+                br.changes = torch.zeros(0, shape[0], *shape[2:])
+            elif mode == "child":
+                idx = torch.tensor([n.row for n in br.inner])
+                best = torch.tensor([n.best_child().row for n in br.inner])
+                store = tree.store[part]
+                br.changes = (store.index_select(1, best) - store.index_select(1, idx)).transpose(0, 1).float()
+        wanted = [(job, tree, br) for job, tree, br, mode in zip(jobs, trees, found, modes)
+                  if mode == "decision" and br.inner]
+        if not wanted:
+            return modes
+        convs, ssms = zip(*(self._parent_states(job, tree, br) for job, tree, br in wanted))
+        tokens = torch.tensor([n.token for _, _, br in wanted for n in br.inner])
+        targets = torch.tensor([n.best_child().token for _, _, br in wanted for n in br.inner])
+        regions = {job.params.trust_region for job, _, _ in wanted}
+        decision = decision_deltas(self.model, torch.cat(convs, dim=1), torch.cat(ssms, dim=1), tokens, targets,
+                                   min(regions))
+        first = 0
+        for _, _, br in wanted:
+            br.changes = decision.changes[first : first + len(br.inner)].contiguous()
+            first += len(br.inner)
+        return modes
+
+    def _parent_states(self, job: PlanJob, tree: Tree, br: _Branches) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv, ssm), each (n_layer, M, ...): the state each branch node's token is fed into."""
+        if isinstance(self.simulator, BackboneSimulator):
+            conv, ssm = tree.gather([n.parent.row for n in br.inner])
+            return conv, ssm
+        states = []  # the dynamics hold no conv state: replay the backbone from the job's real state
+        for key in br.keys:
+            state = job.state.clone()
+            for tok in key[:-1]:
+                self.model.step(torch.tensor([tok]), state)
+            states.append(state)
+        both = MambaState.gather(states)
+        return both.conv, both.ssm
 
     def _tree_for(self, job: PlanJob, states: tuple[torch.Tensor, ...], root_value: float) -> Tree:
         top_k = job.params.top_k_actions

@@ -16,6 +16,10 @@ backs its value up the path. What makes it fast and usable live:
   a forced prefix (tokens already decided) is walked first
   (:func:`prepare_prefix`) and simulations start below it.
 - The budget is simulations and wall time, whichever ends first.
+- A tree may have a terminal *reward* (a verifier, :mod:`planner.verifiers`):
+  a leaf that ends the answer takes the reward as its value instead of the
+  value head's, and becomes terminal (selecting it again backs the same
+  value up, nothing is expanded below it).
 
 The search is generic: nothing in it knows about tasks or text.
 """
@@ -23,13 +27,13 @@ The search is generic: nothing in it knows about tasks or text.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from planner.simulators import Simulator, as_long
-from planner.tree import Node, Tree, mark_pending, path_to
+from planner.tree import Node, Tree, mark_pending, path_to, tokens_to
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,11 @@ def _renormalised(p: list[float]) -> list[float]:
     return [x / total for x in p] if total > 0 else [1.0 / len(p)] * len(p)
 
 
-def expand_leaves(trees: list[Tree], leaves: list[Leaf], simulator: Simulator, max_batch: int) -> None:
+Reward = Callable[[list[int]], "float | None"]  # a node's tokens from the root -> terminal value, or None
+
+
+def expand_leaves(trees: list[Tree], leaves: list[Leaf], simulator: Simulator, max_batch: int,
+                  rewards: Sequence[Reward | None] | None = None) -> None:
     """Expand ``leaves``, ``max_batch`` per simulator call.
 
     Leaves are grouped by tree, so a call gathers and stores one slice per tree and state part.
@@ -98,10 +106,16 @@ def expand_leaves(trees: list[Tree], leaves: list[Leaf], simulator: Simulator, m
             for j, row in zip(js, rows):
                 leaf = chunk[j]
                 p = priors[j][:kt] if kt == k else _renormalised(priors[j][:kt])
-                tree.expand(leaf.path, leaf.node, leaf.slot, row, actions[j][:kt], p, values[j])
+                reward = rewards[ti] if rewards is not None else None
+                ended = reward(tokens_to(leaf.node) + [leaf.token]) if reward is not None else None
+                if ended is not None:
+                    tree.expand(leaf.path, leaf.node, leaf.slot, row, [], [], ended, terminal=True)
+                else:
+                    tree.expand(leaf.path, leaf.node, leaf.slot, row, actions[j][:kt], p, values[j])
 
 
-def prepare_prefix(trees: list[Tree], prefixes: list[list[int]], simulator: Simulator, max_batch: int) -> list[int]:
+def prepare_prefix(trees: list[Tree], prefixes: list[list[int]], simulator: Simulator, max_batch: int,
+                   rewards: Sequence[Reward | None] | None = None) -> list[int]:
     """Walk each tree's forced prefix (tokens already decided), expanding missing nodes; simulations spent."""
     spent = [0] * len(trees)
     for tree, prefix in zip(trees, prefixes):
@@ -122,7 +136,7 @@ def prepare_prefix(trees: list[Tree], prefixes: list[list[int]], simulator: Simu
                 leaves.append(Leaf(ti, path, node, slot))
                 spent[ti] += 1
         if leaves:
-            expand_leaves(trees, leaves, simulator, max_batch)
+            expand_leaves(trees, leaves, simulator, max_batch, rewards)
         moved = False
         for tree, prefix in zip(trees, prefixes):
             if depth < len(prefix):
@@ -134,27 +148,35 @@ def prepare_prefix(trees: list[Tree], prefixes: list[list[int]], simulator: Simu
 
 
 def search(trees: list[Tree], simulator: Simulator, config: SearchConfig, prefixes: list[list[int]] | None = None,
-           budgets: list[int] | None = None) -> list[SearchStats]:
-    """Run simulations in every tree (from the end of its forced prefix), batching leaves across trees."""
+           budgets: list[int] | None = None, rewards: Sequence[Reward | None] | None = None) -> list[SearchStats]:
+    """Run simulations in every tree (from the end of its forced prefix), batching leaves across trees.
+
+    ``rewards[i]`` (optional) scores tree ``i``'s nodes that end the answer (see the module doc).
+    """
     t0 = time.monotonic()
     deadline = t0 + config.time_budget_s
     budgets = list(budgets) if budgets is not None else [config.simulations] * len(trees)
     for tree, budget, prefix in zip(trees, budgets, prefixes or [[]] * len(trees)):
         tree.reserve(budget + len(prefix))
-    done = prepare_prefix(trees, prefixes, simulator, config.max_batch) if prefixes else [0] * len(trees)
+    done = prepare_prefix(trees, prefixes, simulator, config.max_batch, rewards) if prefixes else [0] * len(trees)
     while time.monotonic() < deadline:
-        leaves = []
+        leaves, terminal = [], False
         for ti, tree in enumerate(trees):
             for _ in range(min(config.leaves_per_tree, budgets[ti] - done[ti])):
                 selected = tree.select(config.c_puct, config.fpu_reduction, config.max_depth)
                 if selected is None:
                     break
                 path, node, slot = selected
-                leaves.append(Leaf(ti, path, node, slot))
                 done[ti] += 1
+                if slot is None:  # a terminal node: its value is already backed up again
+                    terminal = True
+                else:
+                    leaves.append(Leaf(ti, path, node, slot))
         if not leaves:
+            if terminal:
+                continue  # only terminal nodes were selected this round: select again (the budget bounds it)
             break
-        expand_leaves(trees, leaves, simulator, config.max_batch)
+        expand_leaves(trees, leaves, simulator, config.max_batch, rewards)
     seconds = time.monotonic() - t0
     return [SearchStats(d, seconds) for d in done]
 

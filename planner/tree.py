@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -30,7 +31,8 @@ VIRTUAL_LOSS = 1.0  # in value units: a pending path counts as a visit that scor
 
 
 class Node:
-    __slots__ = ("parent", "token", "row", "actions", "priors", "children", "pending", "visits", "value_sum", "value")
+    __slots__ = ("parent", "token", "row", "actions", "priors", "children", "pending", "visits", "value_sum", "value",
+                 "terminal")
 
     def __init__(self, parent: "Node | None", token: int, row: int, actions: list[int], priors: list[float],
                  value: float):
@@ -43,6 +45,7 @@ class Node:
         self.visits = 1  # its own evaluation
         self.value_sum = value
         self.value = value
+        self.terminal = False  # it ends the answer: its value is a verifier's reward, nothing is expanded below
 
     @property
     def q(self) -> float:
@@ -97,20 +100,56 @@ def normalised(q: float) -> float:
     return (q + 1.0) / 2.0
 
 
-def confidence(node: Node) -> float:
-    """How sure the search is of ``node``'s best child, in [0, 1], from visit counts and values only.
-
-    visit share of the best child x value advantage of that child over the node
-    (0.5 when equal, 0 or 1 at -/+1) x a shrinkage n / (n + 2) for n child visits.
-    """
+def decision_features(node: Node) -> tuple[float, float, int]:
+    """The search's evidence for ``node``'s best child: (visit share, value advantage over the node, child visits)."""
     children = node.visited_children()
     best = node.best_child()
     if best is None:
-        return 0.0
+        return 0.0, 0.0, 0
     n = sum(c.visits for c in children)
-    share = best.visits / n
-    advantage = min(max(0.5 + 0.5 * (best.q - node.q), 0.0), 1.0)
-    return share * advantage * n / (n + 2.0)
+    return best.visits / n, best.q - node.q, n
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """``P(the search's choice is right) = sigmoid(bias + w_share * share + w_advantage * advantage)``.
+
+    Fitted on held-out problems by :mod:`planner.calibrate` and stored in the
+    checkpoint's ``planner.json`` (key ``calibration``), so a stated
+    confidence of p is right about p of the time on such problems.
+    """
+
+    bias: float
+    w_share: float
+    w_advantage: float
+    record: dict = field(default_factory=dict, compare=False)
+
+    def __call__(self, share: float, advantage: float) -> float:
+        z = self.bias + self.w_share * share + self.w_advantage * advantage
+        return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
+
+    def as_dict(self) -> dict:
+        return {"bias": self.bias, "w_share": self.w_share, "w_advantage": self.w_advantage, "record": self.record}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(float(d["bias"]), float(d["w_share"]), float(d["w_advantage"]), dict(d.get("record", {})))
+
+
+def confidence(node: Node, calibration: Calibration | None = None) -> float:
+    """How sure the search is of ``node``'s best child, in [0, 1], from visit counts and values only.
+
+    With a calibration: its logistic of visit share and value advantage.
+    Without (an uncalibrated checkpoint): visit share of the best child x
+    value advantage of that child over the node (0.5 when equal, 0 or 1 at
+    -/+1) x a shrinkage n / (n + 2) for n child visits.
+    """
+    share, advantage, n = decision_features(node)
+    if n == 0:
+        return 0.0
+    if calibration is not None:
+        return calibration(share, advantage)
+    return share * min(max(0.5 + 0.5 * advantage, 0.0), 1.0) * n / (n + 2.0)
 
 
 def path_to(node: Node) -> list[Node]:
@@ -121,6 +160,11 @@ def path_to(node: Node) -> list[Node]:
         path.append(n)
         n = n.parent
     return path[::-1]
+
+
+def tokens_to(node: Node) -> list[int]:
+    """The tokens from the root down to ``node`` (the root's own placeholder token excluded)."""
+    return [n.token for n in path_to(node)[1:]]
 
 
 def mark_pending(path: list[Node], node: Node, slot: int) -> None:
@@ -164,12 +208,15 @@ class Tree:
         return self.store[part][:, node.row]
 
     # Selection and backup ------------------------------------------------
-    def select(self, c_puct: float, fpu_reduction: float, max_depth: int) -> tuple[list[Node], Node, int] | None:
+    def select(self, c_puct: float, fpu_reduction: float,
+               max_depth: int) -> tuple[list[Node], Node, int | None] | None:
         """Descend from the search root to an unexpanded slot and mark it pending: (path, node, slot).
 
         Slots already pending in this round are not chosen again; None when
         nothing is left to select (every reachable slot is pending, or the
-        path would hold more than ``max_depth`` nodes).
+        path would hold more than ``max_depth`` nodes). Reaching a terminal
+        node backs its value up again along the path and returns
+        ``(path, terminal node, None)``: a simulation with nothing to expand.
         """
         node, path = self.search_root, [self.search_root]
         while len(path) <= max_depth:
@@ -182,11 +229,17 @@ class Tree:
                 return path, node, slot
             node = child
             path.append(node)
+            if node.terminal:
+                for n in path:
+                    n.visits += 1
+                    n.value_sum += node.value
+                return path, node, None
         return None
 
     def expand(self, path: list[Node], node: Node, slot: int, row: int, actions: list[int], priors: list[float],
-               value: float) -> Node:
+               value: float, terminal: bool = False) -> Node:
         child = Node(node, node.actions[slot], row, actions, priors, value)
+        child.terminal = terminal
         node.children[slot] = child
         node.pending.discard(slot)
         for n in path:  # the virtual visit becomes the real one; its -1 becomes the value

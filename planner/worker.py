@@ -45,13 +45,14 @@ class WorkerSpec:
 # Wire format ------------------------------------------------------------------
 def job_to_wire(job: PlanJob) -> dict[str, Any]:
     return {"request_id": job.request_id, "planned_at": job.planned_at, "tokens": job.tokens, "params": job.params,
-            "state": job.state.to_bytes(), "logits": job.root_logits.float().numpy()}
+            "state": job.state.to_bytes(), "logits": job.root_logits.float().numpy(), "prompt": job.prompt,
+            "answer_start": job.answer_start, "stop": job.stop}
 
 
 def job_from_wire(wire: dict[str, Any], shape: StateShape) -> PlanJob:
     state = MambaState.from_bytes(wire["state"], shape)
     return PlanJob(wire["request_id"], wire["planned_at"], state, torch.from_numpy(wire["logits"]), wire["tokens"],
-                   wire["params"])
+                   wire["params"], wire["prompt"], wire["answer_start"], tuple(wire["stop"]))
 
 
 def delta_to_wire(delta: StateDelta) -> dict[str, Any]:
@@ -67,6 +68,8 @@ def load_planner_for(spec: WorkerSpec):
     """(Planner, info, the model's state shape) for a worker, from the checkpoint."""
     from engine.checkpoint import load_model
     from engine.models.planner_net import load_planner
+    from engine.tokenizer import load_tokenizer
+    from planner.calibrate import load_calibration
     from planner.planner import Planner
     from planner.simulators import choose_simulator, make_simulator
 
@@ -74,8 +77,12 @@ def load_planner_for(spec: WorkerSpec):
     loaded = load_planner(spec.checkpoint, model)
     with torch.inference_mode():
         kind, timing = choose_simulator(spec.simulator, model, loaded.net, loaded.trained)
-    planner = Planner(make_simulator(kind, model, loaded.net), max_trees=spec.max_trees)
-    return planner, {"simulator": kind, "trained": loaded.trained, "pid": os.getpid(), **timing}, model.state_shape()
+    calibration = load_calibration(spec.checkpoint)
+    planner = Planner(make_simulator(kind, model, loaded.net), max_trees=spec.max_trees, model=model,
+                      calibration=calibration, tokenizer=load_tokenizer(spec.checkpoint))
+    info = {"simulator": kind, "trained": loaded.trained, "calibrated": calibration is not None, "pid": os.getpid(),
+            **timing}
+    return planner, info, model.state_shape()
 
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:

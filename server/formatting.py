@@ -95,18 +95,21 @@ def finish_reason(event: FinishEvent) -> str:
     return {"cancelled": "abort"}.get(event.reason, event.reason)
 
 
-def usage_of(event: FinishEvent) -> Usage:
+def usage_of(event: FinishEvent, verdict: dict | None = None) -> Usage:
+    """The final usage; ``verdict`` (``verifier``, ``verified``) joins ``usage.think`` when the request named one."""
     u = event.usage
     return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
                  prompt_tokens_details={"cached_tokens": u.cached_tokens},
-                 think=ThinkUsage(**u.think.as_dict()) if u.think is not None else None)
+                 think=ThinkUsage(**u.think.as_dict(), **(verdict or {})) if u.think is not None else None)
 
 
 def thought_of(event: ThoughtEvent, rid: str, tokenizer: Tokenizer) -> ThinkThought:
     return ThinkThought(id=rid, planned_at=event.planned_at, applied_at=event.applied_at, outcome=event.outcome,
                         confidence=round(event.confidence, 6), a_eff=round(event.a_eff, 6),
                         delta_norm=round(event.delta_norm, 6), path=tokenizer.decode(event.path),
-                        path_token_ids=event.path, simulations=event.simulations)
+                        path_token_ids=event.path, simulations=event.simulations,
+                        chosen=None if event.chosen is None else tokenizer.decode([event.chosen]),
+                        chosen_token_id=event.chosen)
 
 
 class OpenAIFormat:

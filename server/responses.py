@@ -56,6 +56,9 @@ class ThinkUsage(_Body):
     diverged: int
     rejected: int
     dropped: int
+    verifier: str | None = _optional("the request's verifier (think.verifier), when it named one")
+    verified: bool | None = _optional("that verifier's verdict on the final answer (the text without the stop "
+                                      "string), checked by the server at finish")
 
 
 class Usage(_Body):
@@ -178,6 +181,8 @@ class ThinkThought(_Body):
     path: str
     path_token_ids: list[int]
     simulations: int
+    chosen: str | None = _optional("the search's choice at the node the delta landed on (the token it makes win)")
+    chosen_token_id: int | None = _optional("that token's id")
 
 
 class ThinkDone(_Body):

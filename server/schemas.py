@@ -26,10 +26,12 @@ from pydantic import (
     Field,
     StringConstraints,
     Tag,
+    ValidationInfo,
     field_validator,
 )
 
 from engine.thinking import ThinkParams
+from planner.verifiers import MAX_PATTERN_CHARS, VERIFIERS, VerifierError, compile_pattern
 
 MAX_TOKENS = 1 << 31  # max_tokens / max_completion_tokens; the engine then holds them to the context limit
 MAX_TOP_K = 1 << 20  # the engine then holds top_k to the vocabulary
@@ -125,6 +127,37 @@ class ThinkOptions(_Request):
     trust_region: float = Field(_THINK.trust_region, ge=0.0, le=10.0)
     wait: bool = Field(_THINK.wait, description="bounded lag: at apply_at the sequence waits for its plan while the "
                                                 "others decode; false: never wait, late deltas land later or go stale")
+    delta: Literal["decision", "child"] = Field(_THINK.delta, description="decision: the minimal change making the "
+                                                "search's choice win the step it lands on; child: the old best-child "
+                                                "state change, blended at injection_rate * confidence")
+    verifier: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+        None, description=f"the search's reward where a branch ends the answer (a stop string or EOS): one of "
+                          f"{', '.join(sorted(VERIFIERS))}; its verdict on the answer is reported in usage.think")
+    verifier_pattern: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)] | None = Field(
+        None, validate_default=True, description="the regex verifier's pattern (the whole answer must match it)")
+
+    @field_validator("verifier")
+    @classmethod
+    def _known_verifier(cls, v: str | None) -> str | None:
+        if v is not None and v not in VERIFIERS:
+            raise ValueError(f"unknown verifier {v!r} (one of {', '.join(sorted(VERIFIERS))})")
+        return v
+
+    @field_validator("verifier_pattern")
+    @classmethod
+    def _usable_pattern(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """A pattern only with the regex verifier, and one that compiles and matches in bounded time."""
+        if v is None:
+            if info.data.get("verifier") == "regex":
+                raise ValueError("verifier 'regex' needs verifier_pattern")
+            return v
+        if info.data.get("verifier") != "regex":
+            raise ValueError("verifier_pattern is only for verifier 'regex'")
+        try:
+            compile_pattern(v)
+        except VerifierError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
 
 THINK_FIELDS = tuple(ThinkOptions.model_fields)

@@ -34,6 +34,7 @@ from engine.scheduler import Engine
 from engine.sessions import SessionBusy, SessionNotFound, SessionTooLarge
 from engine.thinking import ThinkParams, ThoughtEvent
 from engine.tokenizer import Tokenizer
+from planner.verifiers import verdict
 from server.errors import APIError
 from server.metrics import Metrics
 from server.responses import ModelCard, ModelList
@@ -136,6 +137,15 @@ class Serving:
     def _sampling(self, body, logprobs: int | None) -> SamplingParams:
         return SamplingParams(temperature=body.temperature, top_k=max(0, body.top_k), top_p=body.top_p,
                               repetition_penalty=body.repetition_penalty, seed=body.seed, logprobs=logprobs)
+
+    def verdict(self, gen: Generation, answer: str) -> dict | None:
+        """``{"verifier", "verified"}`` for a request that named a verifier: its verdict on the final answer."""
+        think = gen.handle.request.think
+        if think is None or think.verifier is None:
+            return None
+        prompt = self.tokenizer.decode(list(gen.handle.request.prompt_ids))
+        return {"verifier": think.verifier,
+                "verified": verdict(think.verifier, think.verifier_pattern, prompt, answer)}
 
     def _think(self, options: ThinkOptions | None) -> ThinkParams | None:
         if options is None:

@@ -167,20 +167,23 @@ async def think_events(serving: Serving, gen: Generation, rid: str) -> AsyncIter
     """The SSE body of ``/think``: ``token`` and ``thought`` events, then one ``done`` (or ``error``) event."""
     last, index, observe = [0.0], 0, serving.observe
     session_id = gen.session_id
+    texts: list[str] = []  # the answer so far, for the verifier's verdict at finish
     async for batch in batches(gen):
         out: list[bytes] = []
         for event in batch:
             observe(gen, event, last)
             if isinstance(event, TokenEvent):
                 out.append(sse({"id": rid, "index": index, "token_id": event.token_id, "text": event.text}, "token"))
+                texts.append(event.text)
                 index += 1
             elif isinstance(event, ThoughtEvent):
                 out.append(sse_model(thought_of(event, rid, serving.tokenizer), "thought"))
             elif event.reason == "error":
                 out.append(sse(engine_error(event), "error"))
             else:
-                done = ThinkDone(id=rid, text=event.text, finish_reason=finish_reason(event), usage=usage_of(event),
-                                 session_id=session_id)
+                verdict = serving.verdict(gen, "".join(texts) + event.text)
+                done = ThinkDone(id=rid, text=event.text, finish_reason=finish_reason(event),
+                                 usage=usage_of(event, verdict), session_id=session_id)
                 out.append(sse_model(done, "done"))
         if out:
             yield b"".join(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from engine.models.planner_net import PlannerConfig, PlannerNet
@@ -150,3 +152,79 @@ def test_the_planner_reuses_a_request_tree_along_the_tokens_generated_since_its_
         assert tree.follow([first.path[1]]).visits >= kept
         planner.forget("s")
         assert "s" not in planner
+
+
+# Decision deltas and terminal rewards ------------------------------------------------------------------------
+def _decision_case(model, seed: int, rows: int = 6):
+    """Constructed states (a random prompt's state, then noise), a fed token and a target that is not the argmax."""
+    from engine.state import MambaState
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        prompt = torch.randint(0, min(vocab, 256), (rows, 12), generator=gen)
+        _, state = model.prefill(prompt)
+        state = MambaState(state.conv, state.ssm + 0.1 * torch.randn(state.ssm.shape, generator=gen))
+        tokens = torch.randint(0, min(vocab, 256), (rows,), generator=gen)
+        logits = model.step(tokens, state.clone())
+    order = logits.argsort(dim=1, descending=True)
+    targets = order.gather(1, (1 + torch.arange(rows) % 2).view(-1, 1)).squeeze(1)  # the 2nd or 3rd favourite
+    return state, tokens, targets
+
+
+def _argmax_after(model, state, tokens, changes):
+    from engine.state import MambaState
+
+    with torch.inference_mode():
+        moved = MambaState(state.conv.clone(), state.ssm + changes.transpose(0, 1))
+        return model.step(tokens, moved).argmax(dim=1)
+
+
+def test_a_decision_delta_makes_the_chosen_token_win_the_step_it_lands_on():
+    from engine.checkpoint import load_model
+    from planner.decision import decision_deltas
+    from tests.conftest import make_model
+
+    models = [load_model(Path(__file__).parent.parent / "checkpoints" / "default").model.float().eval()] + [make_model(seed=s) for s in (1, 2)]
+    for i, model in enumerate(models):
+        state, tokens, targets = _decision_case(model, seed=i)
+        before = _argmax_after(model, state, tokens, torch.zeros(len(tokens), *state.ssm.shape[:1],
+                                                                  *state.ssm.shape[2:]))
+        assert not bool((before == targets).any())
+        decision = decision_deltas(model, state.conv, state.ssm, tokens, targets, trust_region=0.5)
+        assert bool(torch.isfinite(decision.changes).all())
+        won = _argmax_after(model, state, tokens, decision.changes)
+        assert bool((won == targets).all()), (i, won.tolist(), targets.tolist(), decision.margins)
+        limit = 0.5 * state.ssm.flatten(2).norm(dim=2).clamp_min(1.0).transpose(0, 1)  # (rows, layers)
+        assert bool((decision.changes.flatten(2).norm(dim=2) <= limit * (1 + 1e-4)).all())
+
+
+def test_a_decision_delta_is_zero_where_the_choice_already_wins():
+    from planner.decision import decision_deltas
+    from tests.conftest import make_model
+
+    model = make_model(seed=3)
+    state, tokens, _ = _decision_case(model, seed=3)
+    with torch.inference_mode():
+        favourite = model.step(tokens, state.clone()).argmax(dim=1)
+    decision = decision_deltas(model, state.conv, state.ssm, tokens, favourite, trust_region=0.5, target_margin=0.0)
+    assert float(decision.changes.abs().max()) == 0.0
+
+
+def test_a_terminal_reward_steers_the_search_and_ends_the_branch():
+    """A reward that ends every branch at depth 2 and pays only for (.., 7): the search finds 7 and never
+    expands below a terminal node."""
+    tree, sim = toy_tree(target=3), RewardOneToken(10, 3)
+
+    def reward(key):
+        if len(key) < 2:
+            return None
+        return 1.0 if key[1] == 7 else -1.0
+
+    [stats] = search([tree], sim, SearchConfig(simulations=200, top_k=8, time_budget_s=LONG), prefixes=[[0]],
+                     rewards=[reward])
+    below = tree.root.child_for(0)
+    assert below.best_child().token == 7
+    assert below.best_child().terminal and below.best_child().q == 1.0
+    assert all(not c.visited_children() for c in below.visited_children())
+    assert stats.simulations <= 200

@@ -150,10 +150,10 @@ def test_applied_deltas_change_the_next_logits(model):
     tokens, thoughts, final = generate(model, link, think)
     applied = [t for t in thoughts if t.outcome == "applied"]
     assert applied and all(t.a_eff > 0 and t.delta_norm > 0 for t in applied)
-    first = applied[0].applied_at  # the step that fed token `first` read the blended state
+    first = applied[0].applied_at  # the step that chose token `first` read the changed state
     logprobs, plain_logprobs = [t.logprob for t in tokens], [t.logprob for t in plain]
-    assert logprobs[: first + 1] == plain_logprobs[: first + 1]
-    assert logprobs[first + 1] != plain_logprobs[first + 1]
+    assert logprobs[:first] == pytest.approx(plain_logprobs[:first], abs=1e-4)  # the held token: a step, not prefill
+    assert logprobs[first] != pytest.approx(plain_logprobs[first], abs=1e-3)
     assert link.discarded  # the sequence ended: the planner was told to forget it
     assert final.usage.think.outcomes["applied"] == len(applied)
 
@@ -189,3 +189,105 @@ def test_a_failed_plan_never_stops_a_waiting_sequence(model):
     tokens, thoughts, final = generate(model, link, think, n=20)
     assert len(tokens) == 20 and isinstance(final, FinishEvent) and final.reason == "length"
     assert thoughts and all(t.outcome == "error" for t in thoughts)
+
+
+# Decision deltas in the engine ---------------------------------------------------------------------------------
+def forcing_answer(model, delay_s=0.0, change_of=None):
+    """A planner answer whose only branch is the job's pending token, choosing that step's second favourite.
+
+    The change is a real decision delta (planner.decision) unless ``change_of`` builds another one.
+    """
+    from planner.decision import decision_deltas
+
+    def answer(job: PlanJob) -> StateDelta:
+        import time
+
+        time.sleep(delay_s)
+        pending = job.tokens[job.planned_at]
+        with torch.inference_mode():
+            logits = model.step(torch.tensor([pending]), job.state.clone())
+        choice = int(logits.argsort(dim=1, descending=True)[0, 1])
+        if change_of is None:
+            change = decision_deltas(model, job.state.conv, job.state.ssm, torch.tensor([pending]),
+                                     torch.tensor([choice]), job.params.trust_region).changes
+        else:
+            change = change_of(job)
+        key = (pending,)
+        return StateDelta(job.request_id, job.planned_at, job.apply_at, [pending, choice], {key: 0}, change, [0.9],
+                          frozenset({key, key + (choice,)}), frozenset({key}), 1, 0.0, "decision", [choice])
+
+    return answer
+
+
+def test_the_plan_for_the_first_token_lands_before_that_token_is_chosen(model):
+    plain, _, _ = generate(model, None, None, n=6)
+    link = ThreadLink(forcing_answer(model, delay_s=0.3))  # late: the sequence must wait for it
+    think = ThinkParams(deliberation_lag=0, plan_every=100, wait=True, time_budget_ms=2000)
+    tokens, thoughts, final = generate(model, link, think, n=6)
+    [job] = link.jobs
+    assert job.planned_at == 0 and job.tokens == [ord(" ")]  # the prompt's last token is pending, nothing generated
+    [thought] = thoughts
+    assert (thought.planned_at, thought.applied_at, thought.outcome) == (0, 0, "applied")
+    assert thought.a_eff == 1.0  # full strength when the gate passes
+    assert tokens[0].token_id == thought.chosen != plain[0].token_id  # the search's choice, not the greedy one
+    assert final.usage.think.outcomes["applied"] == 1
+
+
+def test_a_plan_below_the_gate_lands_nothing(model):
+    plain, _, _ = generate(model, None, None, n=6)
+    link = ThreadLink(forcing_answer(model))
+    think = ThinkParams(deliberation_lag=0, plan_every=100, min_confidence=0.95)
+    tokens, thoughts, _ = generate(model, link, think, n=6)
+    assert [t.outcome for t in thoughts] == ["gated"]
+    assert [t.token_id for t in tokens] == [t.token_id for t in plain]
+
+
+class DeferredLink(ThreadLink):
+    """Answers each job only when the next one is submitted (late by ``plan_every`` steps, deterministically);
+    the last job is never answered."""
+
+    def __init__(self, answer):
+        super().__init__(answer)
+        self.held = None
+
+    def submit(self, job: PlanJob) -> None:
+        self.jobs.append(job)
+        if self.held is not None:
+            self.deliver(self.answer(self.held))
+        self.held = job
+
+
+def test_a_late_plan_is_dropped_and_counted_never_applied_to_another_step(model):
+    plain, _, _ = generate(model, None, None, n=20)
+    link = DeferredLink(forcing_answer(model))
+    think = ThinkParams(deliberation_lag=1, plan_every=5, wait=False)  # each answer comes 5 steps after it was due
+    tokens, thoughts, final = generate(model, link, think, n=20)
+    assert len(link.jobs) == 4
+    late = [t for t in thoughts if t.applied_at is not None]
+    assert len(late) == 3 and all(t.outcome in ("stale", "diverged") and t.applied_at > t.planned_at + 1
+                                  for t in late)
+    assert [t.outcome for t in thoughts if t.applied_at is None] == ["unanswered"]  # the last, at the end
+    assert [t.token_id for t in tokens] == [t.token_id for t in plain]
+    counts = final.usage.think.as_dict()
+    assert counts["applied"] == 0 and counts["stale"] + counts["diverged"] == 3 and counts["dropped"] == 1
+
+
+def test_a_non_finite_delta_is_rejected_and_changes_nothing(model):
+    plain, _, _ = generate(model, None, None, n=6)
+    nan = lambda job: torch.full((1, *job.state.ssm.shape[:1], *job.state.ssm.shape[2:]), float("nan"))  # noqa: E731
+    link = ThreadLink(forcing_answer(model, change_of=nan))
+    tokens, thoughts, _ = generate(model, link, ThinkParams(deliberation_lag=0, plan_every=100), n=6)
+    assert [t.outcome for t in thoughts] == ["rejected"]
+    assert [t.token_id for t in tokens] == [t.token_id for t in plain]
+
+
+def test_the_planner_posts_decision_deltas_that_win_where_they_land(model):
+    """The real planner (backbone simulator, decision mode), gate open: every applied delta's choice is the token
+    the step then produced (greedy), and plans are due at the first token and every plan_every after."""
+    link = ThreadLink(planner_answer(model))
+    think = ThinkParams(deliberation_lag=0, plan_every=3, min_confidence=0.0, simulations=16, time_budget_ms=5000)
+    tokens, thoughts, _ = generate(model, link, think, n=12)
+    assert [j.planned_at for j in link.jobs] == [0, 3, 6, 9]
+    applied = [t for t in thoughts if t.outcome == "applied"]
+    assert len(applied) == 4
+    assert all(tokens[t.applied_at].token_id == t.chosen for t in applied)
