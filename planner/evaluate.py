@@ -88,6 +88,7 @@ class EvalConfig(StageConfig):
     simulator: str = "auto"  # as the server's --planner-simulator
     arms: dict = field(default_factory=lambda: dict(DEFAULT_ARMS))
     text_arms: list = field(default_factory=lambda: ["server_defaults"])  # arms that also read held-out text
+    sections: list = field(default_factory=lambda: ["text", "tasks"])  # a part alone (runs can be split by arm)
     bootstrap: int = 2000
     seed: int = 0
     threads: int = 0
@@ -304,13 +305,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     t0 = time.time()
     setup = load_setup(cfg)
     arms = {name: think_params(over) for name, over in cfg.arms.items()}
-    text = heldout_text(cfg, setup, arms)
-    task, problems, answers_off = heldout_tasks(cfg, setup, arms)
-    return {"checkpoint": str(cfg.checkpoint_dir), "simulator": setup.kind, **setup.timing,
-            "calibrated": setup.calibration is not None,
-            "arms": {name: asdict(p) for name, p in arms.items()}, "heldout_text": text, "heldout_tasks": task,
-            "samples": [{"question": p.question, "answer_off": a} for p, a in zip(problems[:8], answers_off)],
-            "wall_seconds": time.time() - t0}
+    report: dict[str, Any] = {"checkpoint": str(cfg.checkpoint_dir), "simulator": setup.kind, **setup.timing,
+                              "calibrated": setup.calibration is not None,
+                              "arms": {name: asdict(p) for name, p in arms.items()}}
+    if "text" in cfg.sections:
+        report["heldout_text"] = heldout_text(cfg, setup, arms)
+    if "tasks" in cfg.sections:
+        task, problems, answers_off = heldout_tasks(cfg, setup, arms)
+        report["heldout_tasks"] = task
+        report["samples"] = [{"question": p.question, "answer_off": a} for p, a in zip(problems[:8], answers_off)]
+    return {**report, "wall_seconds": time.time() - t0}
 
 
 def by_kind(problems: list[tasks.Problem], right: list[bool]) -> dict[str, float]:
