@@ -53,8 +53,8 @@ class ThinkParams:
     top_k_actions: int = 8  # actions per node: the top-k tokens of the policy
     injection_rate: float = 1.0  # a_eff when the gate passes ("decision"); times the confidence ("child")
     min_confidence: float = 0.5  # gate: a branch whose (calibrated) confidence is below it lands nothing
-    plan_every: int = 4  # tokens between two plans of a sequence (the first is due at the first generated token)
-    time_budget_ms: float = 150.0  # wall-time budget of one search
+    plan_every: int = 1  # steps between two plans of a sequence (the first is due at the first generated token)
+    time_budget_ms: float = 250.0  # wall-time budget of one search (48 simulations usually end it first)
     max_staleness: int = 32  # steps after planned_at beyond which a delta is dropped
     decay: float = 1.0  # a_eff is multiplied by decay ** realised_lag
     trust_region: float = 0.5  # ||change|| <= trust_region * max(||h||, 1) per layer
@@ -155,14 +155,17 @@ class ThinkTotals:
     plans: int = 0
     simulations: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
+    verifier: str | None = None  # set by the server at finish when the request named a verifier
+    verified: bool | None = None  # that verifier's verdict on the final answer
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     def as_dict(self) -> dict[str, object]:
+        verdict = {"verifier": self.verifier, "verified": self.verified} if self.verifier is not None else {}
         return {"plans": self.plans, "simulations": self.simulations, **{k: self.outcomes.get(k, 0) for k in
                                                                          INJECTION_RESULTS}, "dropped":
-                sum(v for k, v in self.outcomes.items() if k not in INJECTION_RESULTS)}
+                sum(v for k, v in self.outcomes.items() if k not in INJECTION_RESULTS), **verdict}
 
 
 class PlannerLink(Protocol):

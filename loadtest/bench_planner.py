@@ -56,24 +56,46 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # 1. Inter-token latency --------------------------------------------------------------
-async def _streams(engine: Engine, n_streams: int, tokens: int, think: ThinkParams | None, seed: int) -> list[float]:
+async def _streams(engine: Engine, n_streams: int, tokens: int, think: ThinkParams | None,
+                   seed: int) -> tuple[list[float], list[float], list[float]]:
+    """(inter-token gaps, times to first token, request times) of ``n_streams`` concurrent streams, seconds."""
     tok = ByteTokenizer()
 
-    async def one(i: int) -> list[float]:
+    async def one(i: int) -> tuple[list[float], float, float]:
+        start = time.monotonic()
         handle = engine.submit(GenerationRequest(tok.encode(f"Stream {i}: the function returns"),
                                                  SamplingParams(temperature=0.7, seed=seed + i), max_tokens=tokens,
                                                  ignore_eos=True, think=think))
         times = [e.time async for e in handle.events() if isinstance(e, TokenEvent)]
-        return [b - a for a, b in zip(times, times[1:])]
+        return [b - a for a, b in zip(times, times[1:])], times[0] - start, times[-1] - start
 
-    gaps = await asyncio.gather(*[one(i) for i in range(n_streams)])
-    return [g for per in gaps for g in per]
+    runs = await asyncio.gather(*[one(i) for i in range(n_streams)])
+    return [g for gaps, _, _ in runs for g in gaps], [r[1] for r in runs], [r[2] for r in runs]
 
 
-def bench_itl(checkpoint: Path, rounds: int, tokens: int) -> dict:
+def _row(samples: dict[str, list[tuple[list[float], list[float], list[float]]]]) -> dict:
+    """Per arm: pooled ITL p50/p99, the range of per-round ITL p50, mean TTFT and request time; ratios to off."""
+    row: dict = {"target_p50_ratio": 1.15}
+    for arm, rounds in samples.items():
+        gaps = [g for r in rounds for g in r[0]]
+        row[f"{arm}_p50_ms"] = 1e3 * percentile(gaps, 0.5)
+        row[f"{arm}_p99_ms"] = 1e3 * percentile(gaps, 0.99)
+        row[f"{arm}_p50_ms_per_round"] = [round(1e3 * percentile(r[0], 0.5), 3) for r in rounds]
+        row[f"{arm}_ttft_ms"] = 1e3 * statistics.mean(t for r in rounds for t in r[1])
+        row[f"{arm}_request_ms"] = 1e3 * statistics.mean(t for r in rounds for t in r[2])
+        row["samples"] = len(gaps)
+    for arm in samples:
+        if arm != "off":
+            row[f"{arm}_p50_ratio"] = row[f"{arm}_p50_ms"] / row["off_p50_ms"]
+            row[f"{arm}_p99_ratio"] = row[f"{arm}_p99_ms"] / row["off_p99_ms"]
+    return row
+
+
+def bench_itl(checkpoint: Path, rounds: int, tokens: int, streams_list: tuple[int, ...] = (1, 8)) -> dict:
+    """Off, on (defaults: bounded lag) and on without waiting, alternated round by round on one engine."""
     model = load_model(checkpoint).model
     tok = ByteTokenizer()
-    out = {}
+    out = {"uptime_before": os.getloadavg()}
 
     async def main():
         pool = PlannerPool(WorkerSpec(str(checkpoint)))
@@ -84,26 +106,23 @@ def bench_itl(checkpoint: Path, rounds: int, tokens: int) -> dict:
         while not (engine.ready.is_set() and pool.ready):
             await asyncio.sleep(0.05)
         try:
-            arms = {"off": None, "on": ThinkParams(), "on_no_wait": ThinkParams(wait=False)}
-            for streams in (1, 8):
-                gaps: dict[str, list[float]] = {arm: [] for arm in arms}
+            arms = {"off": None, "on": ThinkParams(), "on_no_wait": ThinkParams(wait=False, deliberation_lag=1),
+                    "on_every_8": ThinkParams(plan_every=8),  # lag 0 always waits: never waiting needs lag >= 1
+                    "off_last": None}  # the baseline again at the end of each round: the drift within a round
+            for streams in streams_list:
+                samples: dict[str, list] = {arm: [] for arm in arms}
                 for r in range(rounds):
                     for arm, think in arms.items():
-                        gaps[arm] += await _streams(engine, streams, tokens, think, seed=r)
-                row = {"target_p50_ratio": 1.15, "samples": len(gaps["on"])}
-                for arm, values in gaps.items():
-                    row[f"{arm}_p50_ms"] = 1e3 * percentile(values, 0.5)
-                    row[f"{arm}_p99_ms"] = 1e3 * percentile(values, 0.99)
-                for arm in ("on", "on_no_wait"):
-                    row[f"{arm}_p50_ratio"] = row[f"{arm}_p50_ms"] / row["off_p50_ms"]
-                    row[f"{arm}_p99_ratio"] = row[f"{arm}_p99_ms"] / row["off_p99_ms"]
-                out[f"{streams}_streams"] = row
+                        samples[arm].append(await _streams(engine, streams, tokens, think, seed=r))
+                out[f"{streams}_streams"] = _row(samples)
             out["simulator"] = pool.info.get("simulator")
+            out["think_defaults"] = ThinkParams().__dict__
         finally:
             engine.shutdown()
             await pool.stop()
 
     asyncio.run(main())
+    out["uptime_after"] = os.getloadavg()
     return out
 
 
@@ -200,6 +219,10 @@ def run(args) -> dict:
     planner = load_planner(args.checkpoint, model)
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
               "checkpoint": str(args.checkpoint), "planner_trained": planner.trained}
+    if args.itl_only:
+        set_threads(engine_threads(planner_threads=1))
+        report["itl"] = bench_itl(args.checkpoint, args.rounds, args.tokens, args.streams)
+        return report
     set_threads(1)
     with torch.inference_mode():
         big = MambaLMHeadModel(MambaConfig(d_model=768, n_layer=24, vocab_size=50280)).eval()
@@ -208,7 +231,7 @@ def run(args) -> dict:
         report["leaf_evaluations"] = bench_leaves(model, planner.net)
         report["fidelity"] = bench_fidelity(model, planner.net, (ROOT / "README.md").read_bytes()[-4096:])
     set_threads(engine_threads(planner_threads=1))
-    report["itl"] = bench_itl(args.checkpoint, args.rounds, args.tokens)
+    report["itl"] = bench_itl(args.checkpoint, args.rounds, args.tokens, args.streams)
     return report
 
 
@@ -216,11 +239,26 @@ def format_table(report: dict) -> str:
     rows = ["| measure | off | on (default: bounded lag) | ratio | on, never waiting | ratio | target |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for key, r in report["itl"].items():
-        if isinstance(r, dict):
+        if isinstance(r, dict) and "off_p50_ms" in r:
             for q, target in (("p50", "<= 1.15"), ("p99", "")):
                 rows.append(f"| ITL {q}, {key.replace('_', ' ')} | {r[f'off_{q}_ms']:.2f} ms | {r[f'on_{q}_ms']:.2f} ms "
                             f"| {r[f'on_{q}_ratio']:.2f} | {r[f'on_no_wait_{q}_ms']:.2f} ms | "
                             f"{r[f'on_no_wait_{q}_ratio']:.2f} | {target} |")
+    arms = ("off", "on", "on_no_wait", "on_every_8", "off_last")
+    rows += ["", "| measure | off | on (defaults) | on, lag 1, never waiting | on, plan_every 8 | off, last in round |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for key, r in report["itl"].items():
+        if isinstance(r, dict) and "off_ttft_ms" in r:
+            rows.append(f"| ITL p50 per round, {key.replace('_', ' ')} | "
+                        + " | ".join(str(r.get(f"{a}_p50_ms_per_round", "")) for a in arms) + " |")
+            rows.append(f"| ITL p50, {key.replace('_', ' ')} | "
+                        + " | ".join(f"{r[f'{a}_p50_ms']:.1f} ms" if f"{a}_p50_ms" in r else "" for a in arms) + " |")
+            for m in ("ttft", "request"):
+                rows.append(f"| {m} mean, {key.replace('_', ' ')} | "
+                            + " | ".join(f"{r[f'{a}_{m}_ms']:.1f} ms" if f"{a}_{m}_ms" in r else "" for a in arms)
+                            + " |")
+    if "leaf_evaluations" not in report:
+        return "\n".join(rows)
     rows += ["", "| simulator | batched leaves/s | one-at-a-time leaves/s | ratio | target |", "|---|---:|---:|---:|---:|"]
     for name, r in report["leaf_evaluations"].items():
         rows.append(f"| {name} | {r['batched_leaves_per_s']:.0f} | {r['one_at_a_time_leaves_per_s']:.0f} | "
@@ -241,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/bench_planner.json"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--streams", type=lambda v: tuple(int(x) for x in v.split(",")), default=(1, 8),
+                        help="concurrent streams of the ITL arms, comma-separated")
+    parser.add_argument("--itl-only", action="store_true", help="only the inter-token latency arms")
     args = parser.parse_args(argv)
     report = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,10 @@
 and :mod:`planner.search` (batched search over many requests' trees) run over
 a simulator from :mod:`planner.simulators` (the planner's networks, which live
 in :mod:`engine.models.planner_net`, or the backbone's own step).
-:mod:`planner.planner` turns plan jobs into state deltas, :mod:`planner.worker`
+:mod:`planner.verifiers` holds the named checkers a search can use as its
+reward where a branch ends the answer. :mod:`planner.planner` turns plan jobs
+into state deltas (decision deltas, :mod:`planner.decision`, with a confidence
+calibrated by :mod:`planner.calibrate`), :mod:`planner.worker`
 runs it in a separate process and :mod:`planner.pool` drives those processes
 from asyncio for the server. :mod:`planner.evaluate` measures planner off
 against on (``make eval``). The planner reads state snapshots and never

@@ -129,7 +129,10 @@ def examples(checkpoint: str, count: int, verifier: str | None, seed: int = SEED
     async def run():
         handles = [engine.submit(GenerationRequest(tok.encode(p.prompt), SamplingParams(temperature=0.0),
                                                    max_tokens=16, stop=["\n"], think=params)) for p in problems]
-        return [[e async for e in h.events()] for h in handles], handles
+        runs = []
+        for handle in handles:
+            runs.append([e async for e in handle.events()])
+        return runs, handles
 
     try:
         runs, handles = asyncio.run(run())
@@ -165,7 +168,7 @@ def calibrate(checkpoint: str, count: int, verifiers: list[str | None], seed: in
     test = ~fit_rows
     p_test = 1.0 / (1.0 + np.exp(-(w[0] + x[test] @ w[1:])))
     w_all = fit_logistic(x, y)
-    record = {"problems": count, "seed": seed, "verifiers": [v or "none" for v in verifiers], "examples": int(len(y)),
+    record = {"problems": count, "seed": seed, "verifiers": [v or "none" for v in verifiers], "examples": len(y),
               "right": int(y.sum()), "test_examples": int(test.sum()),
               "test_log_loss_uncalibrated": round(log_loss(raw[test], y[test]), 4),
               "test_log_loss_calibrated": round(log_loss(p_test, y[test]), 4),

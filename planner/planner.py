@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Hashable
-
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +37,18 @@ from planner.tree import Calibration, Node, Tree, confidence, decision_features
 from planner.verifiers import answer_reward
 
 log = logging.getLogger(__name__)
+
+
+def _reused_visits(tree: Tree, prefix: list[int]) -> int:
+    """Simulations a reused tree already spent below the forced prefix (they count towards this plan's budget).
+
+    ``simulations`` is what a decision rests on, not what each plan adds: when
+    the previous plan already searched the path the sequence took, the next
+    one only tops it up (with ``plan_every=1`` most plans then cost a
+    decision delta, not a search).
+    """
+    node = tree.follow(prefix)
+    return 0 if node is None else node.visits - 1
 
 
 @dataclass
@@ -91,9 +102,10 @@ class Planner:
         config = SearchConfig(**{**self.config.__dict__, "time_budget_s": time_budget})
         prefixes = [job.tokens[job.planned_at : job.planned_at + 1] for job in jobs]
         rewards = [answer_reward(job, self.tokenizer) for job in jobs]
-        stats = search(trees, self.simulator, config, prefixes, budgets=[job.params.simulations for job in jobs],
-                       rewards=rewards)
-        found = [self._branches(tree, prefix, job.params.deliberation_lag)
+        budgets = [max(job.params.simulations - _reused_visits(tree, prefix), 0)
+                   for job, tree, prefix in zip(jobs, trees, prefixes)]
+        stats = search(trees, self.simulator, config, prefixes, budgets=budgets, rewards=rewards)
+        found = [self._branches(tree, prefix, job.params.deliberation_lag, job.params.synchronous)
                  for job, tree, prefix in zip(jobs, trees, prefixes)]
         modes = self._changes(jobs, trees, found)
         deltas = []
@@ -112,13 +124,14 @@ class Planner:
             self._trees.popitem(last=False)
         return deltas
 
-    def _branches(self, tree: Tree, prefix: list[int], lag: int) -> _Branches:
+    def _branches(self, tree: Tree, prefix: list[int], lag: int, exact: bool) -> _Branches:
         """The searched nodes below the forced prefix, keyed by their tokens from planned_at.
 
-        Each node with a visited child, at least ``lag`` moves below the
-        prefix (a delta never lands earlier), becomes a branch. The
-        ``max_branches`` most visited are kept (each is a full SSM state of
-        change, shipped to the engine).
+        Each node with a visited child, ``lag`` moves below the prefix (or
+        more, unless the delta lands at exactly its lag: ``exact``, a waiting
+        sequence), becomes a branch. The ``max_branches`` most visited are
+        kept (each is a full SSM state of change, shipped to the engine, and
+        a row of the decision deltas' backward pass).
         """
         start = tree.follow(prefix)
         if start is None:
@@ -129,7 +142,9 @@ class Planner:
             key, node = stack.pop()
             nodes[key] = node
             stack.extend((key + (child.token,), child) for child in node.visited_children())
-        inner = sorted(((k, n) for k, n in nodes.items() if n.visited_children() and len(k) >= len(prefix) + lag),
+        depth = len(prefix) + lag
+        inner = sorted(((k, n) for k, n in nodes.items()
+                        if n.visited_children() and (len(k) == depth or (len(k) > depth and not exact))),
                        key=lambda kn: -kn[1].visits)[: self.max_branches]
         return _Branches([k for k, _ in inner], nodes, [n for _, n in inner])
 

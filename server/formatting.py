@@ -95,12 +95,11 @@ def finish_reason(event: FinishEvent) -> str:
     return {"cancelled": "abort"}.get(event.reason, event.reason)
 
 
-def usage_of(event: FinishEvent, verdict: dict | None = None) -> Usage:
-    """The final usage; ``verdict`` (``verifier``, ``verified``) joins ``usage.think`` when the request named one."""
+def usage_of(event: FinishEvent) -> Usage:
     u = event.usage
     return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
                  prompt_tokens_details={"cached_tokens": u.cached_tokens},
-                 think=ThinkUsage(**u.think.as_dict(), **(verdict or {})) if u.think is not None else None)
+                 think=ThinkUsage(**u.think.as_dict()) if u.think is not None else None)
 
 
 def thought_of(event: ThoughtEvent, rid: str, tokenizer: Tokenizer) -> ThinkThought:

@@ -33,6 +33,8 @@ from pydantic import (
 from engine.thinking import ThinkParams
 from planner.verifiers import MAX_PATTERN_CHARS, VERIFIERS, VerifierError, compile_pattern
 
+VERIFIER_NAMES = tuple(sorted(VERIFIERS))
+
 MAX_TOKENS = 1 << 31  # max_tokens / max_completion_tokens; the engine then holds them to the context limit
 MAX_TOP_K = 1 << 20  # the engine then holds top_k to the vocabulary
 MAX_TOKEN_ID = (1 << 31) - 1
@@ -112,7 +114,9 @@ _THINK = ThinkParams()  # the engine's defaults are the API's
 class ThinkOptions(_Request):
     """Deliberation settings (extension): the ``think`` object, or the top-level fields of ``/think``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={  # the one rule between fields, stated
+        "if": {"properties": {"verifier": {"const": "regex"}}, "required": ["verifier"]},
+        "then": {"required": ["verifier_pattern"]}})
 
     deliberation_lag: Int = Field(_THINK.deliberation_lag, ge=0, le=64,
                                   description="tokens between the state a plan reads and the step it lands on")
@@ -130,29 +134,20 @@ class ThinkOptions(_Request):
     delta: Literal["decision", "child"] = Field(_THINK.delta, description="decision: the minimal change making the "
                                                 "search's choice win the step it lands on; child: the old best-child "
                                                 "state change, blended at injection_rate * confidence")
-    verifier: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
-        None, description=f"the search's reward where a branch ends the answer (a stop string or EOS): one of "
-                          f"{', '.join(sorted(VERIFIERS))}; its verdict on the answer is reported in usage.think")
-    verifier_pattern: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)] | None = Field(
-        None, validate_default=True, description="the regex verifier's pattern (the whole answer must match it)")
-
-    @field_validator("verifier")
-    @classmethod
-    def _known_verifier(cls, v: str | None) -> str | None:
-        if v is not None and v not in VERIFIERS:
-            raise ValueError(f"unknown verifier {v!r} (one of {', '.join(sorted(VERIFIERS))})")
-        return v
+    verifier: Literal[VERIFIER_NAMES] | None = Field(  # type: ignore[valid-type]
+        None, description="the search's reward where a branch ends the answer (a stop string or EOS); its verdict on "
+                          "the final answer is reported in usage.think")
+    verifier_pattern: Annotated[Text, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)] | None = Field(
+        None, validate_default=True, json_schema_extra={"format": "regex"},
+        description="the regex verifier's pattern (the whole answer must match it; required with verifier 'regex', "
+                    "ignored by the others); refused when it does not compile or backtracks catastrophically")
 
     @field_validator("verifier_pattern")
     @classmethod
     def _usable_pattern(cls, v: str | None, info: ValidationInfo) -> str | None:
-        """A pattern only with the regex verifier, and one that compiles and matches in bounded time."""
-        if v is None:
-            if info.data.get("verifier") == "regex":
-                raise ValueError("verifier 'regex' needs verifier_pattern")
-            return v
+        """The regex verifier's pattern must be there, compile and match in bounded time; the others ignore it."""
         if info.data.get("verifier") != "regex":
-            raise ValueError("verifier_pattern is only for verifier 'regex'")
+            return None
         try:
             compile_pattern(v)
         except VerifierError as exc:

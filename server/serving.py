@@ -138,14 +138,18 @@ class Serving:
         return SamplingParams(temperature=body.temperature, top_k=max(0, body.top_k), top_p=body.top_p,
                               repetition_penalty=body.repetition_penalty, seed=body.seed, logprobs=logprobs)
 
-    def verdict(self, gen: Generation, answer: str) -> dict | None:
-        """``{"verifier", "verified"}`` for a request that named a verifier: its verdict on the final answer."""
+    def wants_verdict(self, gen: Generation) -> bool:
         think = gen.handle.request.think
-        if think is None or think.verifier is None:
-            return None
+        return think is not None and think.verifier is not None
+
+    def record_verdict(self, gen: Generation, final: FinishEvent, answer: str) -> None:
+        """For a request that named a verifier: its verdict on the final answer, into ``usage.think``."""
+        think, totals = gen.handle.request.think, final.usage.think
+        if think is None or think.verifier is None or totals is None or final.reason == "error":
+            return
         prompt = self.tokenizer.decode(list(gen.handle.request.prompt_ids))
-        return {"verifier": think.verifier,
-                "verified": verdict(think.verifier, think.verifier_pattern, prompt, answer)}
+        totals.verifier = think.verifier
+        totals.verified = verdict(think.verifier, think.verifier_pattern, prompt, answer)
 
     def _think(self, options: ThinkOptions | None) -> ThinkParams | None:
         if options is None:

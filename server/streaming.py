@@ -95,6 +95,7 @@ async def collect(serving: Serving, gen: Generation, request: Request) -> tuple[
                 if isinstance(event, TokenEvent):
                     events.append(event)
                 elif isinstance(event, FinishEvent):
+                    serving.record_verdict(gen, event, "".join(e.text for e in events) + event.text)
                     return events, event
         raise asyncio.CancelledError
 
@@ -130,6 +131,7 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
         if head:
             yield head
     last, offset, produced, head_due = [0.0], 0, 0, continuous_usage
+    answer: list[str] | None = [] if serving.wants_verdict(gen) else None  # for the verifier's verdict at finish
     async for batch in batches(gen):
         out: list[bytes] = []
         if head_due:  # the first batch: the head, with the prompt counted
@@ -143,6 +145,8 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
             observe(gen, event, last)
             if isinstance(event, TokenEvent):
                 produced += 1
+                if answer is not None:
+                    answer.append(event.text)
                 if not (with_logprobs or event.text):
                     continue
                 usage = usage_json(handle.prompt_tokens or 0, produced, handle.cached_tokens) \
@@ -153,6 +157,8 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
                 else:
                     out.append(template.render(event.text, None, usage))
             elif isinstance(event, FinishEvent):
+                if answer is not None:
+                    serving.record_verdict(gen, event, "".join(answer) + event.text)
                 out.append(sse(engine_error(event)) if event.reason == "error"
                            else sse_model(fmt.final_chunk(event, continuous_usage)))
                 if include_usage:
@@ -181,9 +187,9 @@ async def think_events(serving: Serving, gen: Generation, rid: str) -> AsyncIter
             elif event.reason == "error":
                 out.append(sse(engine_error(event), "error"))
             else:
-                verdict = serving.verdict(gen, "".join(texts) + event.text)
-                done = ThinkDone(id=rid, text=event.text, finish_reason=finish_reason(event),
-                                 usage=usage_of(event, verdict), session_id=session_id)
+                serving.record_verdict(gen, event, "".join(texts) + event.text)
+                done = ThinkDone(id=rid, text=event.text, finish_reason=finish_reason(event), usage=usage_of(event),
+                                 session_id=session_id)
                 out.append(sse_model(done, "done"))
         if out:
             yield b"".join(out)

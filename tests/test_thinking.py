@@ -274,7 +274,9 @@ def test_a_late_plan_is_dropped_and_counted_never_applied_to_another_step(model)
 
 def test_a_non_finite_delta_is_rejected_and_changes_nothing(model):
     plain, _, _ = generate(model, None, None, n=6)
-    nan = lambda job: torch.full((1, *job.state.ssm.shape[:1], *job.state.ssm.shape[2:]), float("nan"))  # noqa: E731
+    def nan(job):
+        return torch.full((1, *job.state.ssm.shape[:1], *job.state.ssm.shape[2:]), float("nan"))
+
     link = ThreadLink(forcing_answer(model, change_of=nan))
     tokens, thoughts, _ = generate(model, link, ThinkParams(deliberation_lag=0, plan_every=100), n=6)
     assert [t.outcome for t in thoughts] == ["rejected"]

@@ -77,8 +77,8 @@ def test_a_catastrophic_pattern_is_refused_or_bounded_in_time():
     ({"verifier": "nope"}, "verifier"),
     ({"verifier": "regex"}, "verifier_pattern"),
     ({"verifier": "regex", "verifier_pattern": "("}, "verifier_pattern"),
-    ({"verifier": "add", "verifier_pattern": "a"}, "verifier_pattern"),
     ({"delta": "sideways"}, "delta"),
+    ({"verifier": "regex", "verifier_pattern": "\ud800"}, "verifier_pattern"),  # an unpaired surrogate
 ])
 def test_the_schema_refuses_bad_verifier_fields_naming_them(body, field):
     for model, extra in ((ThinkOptions, {}), (ThinkRequest, {"prompt": "x"})):
@@ -91,6 +91,15 @@ def test_the_schema_passes_good_verifier_fields_to_the_engine_params():
     opts = ThinkOptions.model_validate({"verifier": "regex", "verifier_pattern": r"\d+"})
     params = ThinkParams(**opts.model_dump())
     assert (params.verifier, params.verifier_pattern, params.delta) == ("regex", r"\d+", "decision")
+    # a pattern means nothing to the other verifiers: ignored, as the schema says
+    assert ThinkOptions.model_validate({"verifier": "add", "verifier_pattern": "("}).verifier_pattern is None
+
+
+def test_the_schema_states_the_verifier_names_and_the_pattern_rule():
+    schema = ThinkOptions.model_json_schema()
+    names = next(o for o in schema["properties"]["verifier"]["anyOf"] if "enum" in o)["enum"]
+    assert set(names) == set(VERIFIERS)
+    assert schema["then"] == {"required": ["verifier_pattern"]}
 
 
 def test_answer_reward_scores_branches_that_end_the_answer():
