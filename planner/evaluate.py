@@ -89,6 +89,7 @@ class EvalConfig(StageConfig):
     arms: dict = field(default_factory=lambda: dict(DEFAULT_ARMS))
     text_arms: list = field(default_factory=lambda: ["server_defaults"])  # arms that also read held-out text
     sections: list = field(default_factory=lambda: ["text", "tasks"])  # a part alone (runs can be split by arm)
+    problem_range: list = field(default_factory=list)  # [start, stop): a slice of the problems (a split run)
     bootstrap: int = 2000
     seed: int = 0
     threads: int = 0
@@ -274,6 +275,8 @@ def heldout_tasks(cfg: EvalConfig, setup: Setup,
     Also the problems and the planner-off answers (the report shows a few).
     """
     problems = tasks.problems(cfg.problems, "heldout", seed=cfg.seed + 11)
+    if cfg.problem_range:
+        problems = problems[cfg.problem_range[0] : cfg.problem_range[1]]
     link = InlinePlanner(setup.planner())
     engine = Engine(setup.model, ByteTokenizer(), max_running=32, max_waiting=len(problems) + 1)
     engine.attach_planner(link)
@@ -283,7 +286,7 @@ def heldout_tasks(cfg: EvalConfig, setup: Setup,
         right_off = [tasks.verify(p.question, a) for p, a in zip(problems, answers_off)]
         task: dict[str, Any] = {"problems": len(problems), "accuracy_off": float(np.mean(right_off)),
                                 "accuracy_off_ci95": wilson(sum(right_off), len(problems)),
-                                "by_kind_off": by_kind(problems, right_off)}
+                                "by_kind_off": by_kind(problems, right_off), "right_off": right_off}
         for name, params in arms.items():
             t0 = time.time()
             link.planner = setup.planner()
@@ -291,7 +294,7 @@ def heldout_tasks(cfg: EvalConfig, setup: Setup,
             right_on = [tasks.verify(p.question, a) for p, a in zip(problems, answers_on)]
             task[name] = {**compare(problems, right_off, right_on, cfg.bootstrap, cfg.seed),
                           "by_kind_on": by_kind(problems, right_on), "think": outcomes,
-                          "answers_changed": sum(x != y for x, y in zip(answers_off, answers_on)),
+                          "answers_changed": sum(x != y for x, y in zip(answers_off, answers_on)), "right_on": right_on,
                           "wall_seconds": time.time() - t0}
     finally:
         engine.shutdown()
