@@ -126,11 +126,14 @@ def test_outcome_supervised_value_tells_right_from_wrong_answers_only_with_true_
     prompt_rows = w == 4  # the state after the prompt: visited by all four answers, one of them right
     assert torch.allclose(y[prompt_rows], torch.full_like(y[prompt_rows], 2 * 0.25 - 1))
     auc, pairs = _fit_and_rank(tiny_model, samples, samples.verdicts)
-    assert pairs == 40 * 3 and auc > 0.8
-    # The same answers with each question's verdicts shuffled among its own answers: nothing to learn.
-    rng = np.random.default_rng(0)
-    shuffled = list(samples.verdicts)
-    for start in range(0, len(shuffled), 4):
-        shuffled[start : start + 4] = rng.permutation(shuffled[start : start + 4]).tolist()
-    shuffled_auc, _ = _fit_and_rank(tiny_model, samples, shuffled)
-    assert shuffled_auc < 0.65
+    assert pairs == 40 * 3 and auc > 0.85  # 0.925 when written
+    # The same answers with each question's verdicts shuffled among its own answers: nothing to learn. Chance
+    # over 120 pairs varies by about 0.05, so the bound is on the mean over three shuffles (0.59 when written).
+    shuffled_aucs = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        shuffled = list(samples.verdicts)
+        for start in range(0, len(shuffled), 4):
+            shuffled[start : start + 4] = rng.permutation(shuffled[start : start + 4]).tolist()
+        shuffled_aucs.append(_fit_and_rank(tiny_model, samples, shuffled)[0])
+    assert np.mean(shuffled_aucs) < 0.7
