@@ -21,8 +21,9 @@ $(STAMP): $(PY) pyproject.toml
 
 venv: $(STAMP)
 
+# Sessions survive restarts: kept in .crsm/sessions unless CRSM_SESSION_STORE or --session-store says otherwise.
 serve: $(STAMP)
-	$(PY) -m server $(SERVE_ARGS)
+	CRSM_SESSION_STORE="$${CRSM_SESSION_STORE:-.crsm/sessions}" $(PY) -m server $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

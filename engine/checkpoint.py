@@ -37,7 +37,7 @@ from torch import Tensor
 
 from engine.config import MambaConfig
 from engine.models import MambaLMHeadModel
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 FORMAT_NAME = "crsm-checkpoint"
 FORMAT_VERSION = 1
@@ -363,4 +363,12 @@ def load_model(
     if fmt != "crsm":
         log.warning("%s: %s folder loaded UNVERIFIED (no manifest with hashes; `python -m engine.convert` writes "
                     "a verified copy)", directory, fmt)
-    return LoadedModel(model=model, tokenizer=load_tokenizer(directory), source_format=fmt, manifest=manifest)
+    tokenizer = load_tokenizer(directory)
+    if isinstance(tokenizer, ByteTokenizer) and config.vocab_size > 2 * tokenizer.vocab_size:
+        # Without this, a BPE model would read prompts as byte ids and answer with ids the byte tokenizer drops.
+        raise CheckpointError(
+            f"{directory / 'tokenizer.json'} is missing: the model has a vocabulary of {config.vocab_size} tokens, "
+            f"not a byte-level one, so it needs its own tokenizer. Copy the model's tokenizer.json into the folder "
+            f"(state-spaces/mamba-* models use EleutherAI/gpt-neox-20b's; the state-spaces/mamba-*-hf folders "
+            f"ship it)")
+    return LoadedModel(model=model, tokenizer=tokenizer, source_format=fmt, manifest=manifest)

@@ -200,12 +200,16 @@ class RequestHandle:
 class Outbox:
     """Events of the current engine step, per event loop (engine thread only).
 
-    Delivered with one ``call_soon_threadsafe`` per loop and step rather than
-    one per token: each call wakes the loop and takes the GIL.
+    Delivered with one ``call_soon_threadsafe`` per loop and step rather than one per token: each call writes to
+    the loop's wake-up socket (a system call on the engine thread, 10% of its time at 32 streams) and wakes the
+    loop, which takes the GIL. A loop that has not yet run the previous delivery gets the new events appended to
+    it, with no second wake-up: the engine never waits for a busy loop, and the loop drains all it is owed at once.
     """
 
     def __init__(self) -> None:
         self._items: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Event]]] = {}
+        self._lock = threading.Lock()
+        self._scheduled: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Event]]] = {}  # not yet run
 
     def emit(self, handle: RequestHandle, event: Event) -> None:
         self._items.setdefault(handle.loop, []).append((handle, event))
@@ -213,13 +217,23 @@ class Outbox:
     def flush(self) -> None:
         while self._items:
             loop, items = self._items.popitem()
+            with self._lock:
+                waiting = self._scheduled.get(loop)
+                if waiting is not None:  # that loop has a delivery queued: it takes these too
+                    waiting.extend(items)
+                    continue
+                self._scheduled[loop] = items
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(self._deliver, loop)
             except RuntimeError:  # that event loop is closed: nobody listens to these requests any more
+                with self._lock:
+                    self._scheduled.pop(loop, None)
                 for handle, _ in items:
                     handle.cancel()
 
-
-def _deliver(items: list[tuple[RequestHandle, Event]]) -> None:
-    for handle, event in items:
-        handle._deliver(event)
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``: everything owed to it, in the order it was emitted."""
+        with self._lock:
+            items = self._scheduled.pop(loop)
+        for handle, event in items:
+            handle._deliver(event)

@@ -67,10 +67,24 @@ def share_the_gil_quickly(interval: float = ENGINE_SWITCH_INTERVAL) -> None:
         sys.setswitchinterval(interval)
 
 
-def engine_threads(planner_threads: int) -> int:
-    """Intra-op threads for the engine when planner workers use ``planner_threads`` cores: the rest, at least 1.
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
-    Decoding must keep its core(s): sharing them with a busy planner process
-    makes every step wait for the scheduler.
+
+def engine_threads(planner_threads: int, cores: int | None = None) -> int:
+    """The engine's intra-op threads when none were asked for: half the cores the planner workers leave, at least 1.
+
+    Every op of a decode step is a fork-join over these threads, so each op waits for the slowest: when another
+    process (a planner worker, another tenant, a build) holds a core one of them needs, the step runs at the
+    scheduler's pace. Leaving cores free keeps co-tenants off the engine's threads. On the 2-core VM, under a
+    load average of 23-25 from other jobs (``loadtest/bench_contention.py``): one thread kept 0.35-0.80x of its
+    quiet tok/s beside a busy loop and never stalled; two passive threads had higher medians but dropped to
+    8-96 tok/s in 3 of 12 windows at 8 streams; two spinning threads (torch's default) decoded nothing in most
+    2-second windows at 8 streams. ``--threads`` overrides this.
     """
-    return max(1, (os.cpu_count() or 1) - max(0, planner_threads))
+    cores = available_cores() if cores is None else cores
+    return max(1, (cores - max(0, planner_threads)) // 2)

@@ -53,7 +53,7 @@ from engine.requests import (
 )
 from engine.runtime import keep_freed_memory, share_the_gil_quickly
 from engine.sequence import ActiveSequence, Phase
-from engine.sessions import PrefixCache, SessionStore, start_state
+from engine.sessions import PrefixCache, SessionBackend, SessionStore, start_state
 from engine.state import MambaState
 from engine.thinking import PlanDropped, PlannerLink, StateDelta
 from engine.tokenizer import Tokenizer
@@ -71,7 +71,7 @@ class Engine:
         max_waiting: int = 128,
         prefill_chunk: int = 512,
         max_context: int = 32768,
-        sessions: SessionStore | None = None,
+        sessions: SessionBackend | None = None,  # any store: memory (default), directory, Redis
         prefix_cache: PrefixCache | None = None,
         observer: EngineObserver | None = None,
         max_state_norm: float = DEFAULT_MAX_NORM,
@@ -223,6 +223,7 @@ class Engine:
             self._resume_planned()
         self._admit()
         prefill_tokens = self._prefill_some()
+        self._outbox.flush()  # a prompt's first token leaves now, not with the next decode step's token
         decode_batch = len(self._flight.batch)
         if self._flight.batch:
             self._decode_step()

@@ -13,6 +13,7 @@ the history, which is why a session can continue without re-reading it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-STATE_FORMAT = "crsm-state/1"
+STATE_FORMAT = "crsm-state/2"  # safetensors metadata: format, model identity; its header: dtypes and shapes
 
 
 class StateError(ValueError):
@@ -109,16 +110,24 @@ class MambaState:
         return MambaState(torch.cat([s.conv for s in states], dim=1), torch.cat([s.ssm for s in states], dim=1))
 
     # Serialisation -----------------------------------------------------
-    def to_bytes(self) -> bytes:
-        """safetensors bytes: no pickle, dtype and shape recorded."""
+    def to_bytes(self, model_id: str = "") -> bytes:
+        """safetensors bytes, no pickle; the header records format, ``model_id`` (who wrote it), dtypes and shapes."""
         return st_save(
             {"conv": self.conv.detach().contiguous().cpu(), "ssm": self.ssm.detach().contiguous().cpu()},
-            metadata={"format": STATE_FORMAT},
+            metadata={"format": STATE_FORMAT, "model": model_id},
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes, shape: StateShape, device: torch.device | str | None = None) -> "MambaState":
-        """Load bytes made by :meth:`to_bytes`, refusing any that do not fit ``shape``."""
+    def from_bytes(cls, data: bytes, shape: StateShape, device: torch.device | str | None = None,
+                   model_id: str | None = None) -> "MambaState":
+        """Load bytes made by :meth:`to_bytes`, refusing any of another format, model (when ``model_id`` is
+        given) or shape: a state that does not fit is never loaded."""
+        header = state_header(data)
+        if header.get("format") != STATE_FORMAT:
+            raise StateError(f"state format {header.get('format')!r}, this engine reads {STATE_FORMAT!r}")
+        if model_id is not None and header.get("model") != model_id:
+            raise StateError(f"state written by another model (model {header.get('model', '')[:12]!r}, "
+                             f"this one is {model_id[:12]!r})")
         try:
             tensors = st_load(data)
         except (SafetensorError, ValueError, RuntimeError) as exc:  # safetensors raises several kinds
@@ -128,3 +137,18 @@ class MambaState:
         state = cls(tensors["conv"], tensors["ssm"])
         shape.check(state)
         return cls(state.conv.to(device), state.ssm.to(device)) if device is not None else state
+
+
+def state_header(data: bytes) -> dict[str, str]:
+    """The metadata of serialized state bytes (format, model), read without loading a tensor."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        if not 0 < size <= len(data) - 8:
+            raise ValueError(f"header length {size} does not fit {len(data)} bytes")
+        header = json.loads(data[8 : 8 + size])
+        metadata = header.get("__metadata__") or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata is not an object")
+        return {str(k): str(v) for k, v in metadata.items()}
+    except (ValueError, AttributeError) as exc:  # JSON and Unicode errors are ValueErrors
+        raise StateError(f"not a serialized state: {exc}") from exc

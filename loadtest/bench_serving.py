@@ -3,11 +3,13 @@
 1. Aggregate output tokens/s at 1, 8 and 32 concurrent streams (closed loop).
 2. TTFT of a session resumed after 0, 1k and 8k tokens of history, against
    re-sending that history to a stateless request.
-3. Single-stream SSE tokens/s against the in-process engine (same checkpoint,
-   same request, no HTTP).
+3. SSE tokens/s against the in-process engine (same checkpoint, same
+   requests, no HTTP) at 1 and 32 streams; with ``--baseline-root`` a second
+   server from another checkout (e.g. main) takes turns with this one, so the
+   ratios before and after a change come from the same minutes.
 
-The server runs as a subprocess on loopback (``python -m server``); the
-in-process engine runs in this process while the server is idle.
+The servers run as subprocesses on loopback (``python -m server``); the
+in-process engine runs in this process while the servers idle.
 
     python -m loadtest.bench_serving [--checkpoint DIR] --out loadtest/results/bench_serving.json
 """
@@ -47,10 +49,11 @@ def bench_checkpoint(folder: Path) -> Path:
     return save_checkpoint(model, folder, producer={"tool": "loadtest.bench_serving", "weights": "random"})
 
 
-def start_server(checkpoint: Path, port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(checkpoint: Path, port: int, extra: list[str], root: Path = ROOT) -> subprocess.Popen:
+    """``python -m server`` from the checkout ``root`` (the editable install imports from the working directory)."""
     cmd = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(port), "--host",
            "127.0.0.1", "--log-level", "warning", "--model-name", "bench", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -65,45 +68,74 @@ def start_server(checkpoint: Path, port: int, extra: list[str]) -> subprocess.Po
     raise RuntimeError("server not ready")
 
 
-async def single_stream_pair(checkpoint: Path, url: str, prompt: str, max_tokens: int, repeats: int) -> tuple[float, float]:
-    """Median tokens/s of one stream over SSE and of the same request on an in-process engine.
+async def _sse_rate(client: httpx.AsyncClient, prompt: str, max_tokens: int, streams: int) -> float:
+    """Aggregate tok/s of ``streams`` identical streamed completions at once over SSE."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
 
-    The two are measured alternately (the server idles while the in-process
-    engine runs and the reverse), so drifts of a shared machine hit both.
-    """
-    from engine.checkpoint import load_model
+    async def one() -> None:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            async for _ in r.aiter_lines():
+                pass
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[one() for _ in range(streams)])
+    return streams * max_tokens / (time.perf_counter() - t0)
+
+
+async def _engine_rate(engine, tokenizer, prompt: str, max_tokens: int, streams: int) -> float:
+    """The same requests on the in-process engine (no HTTP)."""
     from engine.requests import GenerationRequest
     from engine.sampling import SamplingParams
+
+    async def one() -> None:
+        handle = engine.submit(GenerationRequest(prompt_ids=tokenizer.encode(prompt), max_tokens=max_tokens,
+                                                 ignore_eos=True, params=SamplingParams(temperature=1.0)))
+        async for _ in handle.events():
+            pass
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[one() for _ in range(streams)])
+    return streams * max_tokens / (time.perf_counter() - t0)
+
+
+async def sse_vs_engine(checkpoint: Path, urls: dict[str, str], prompt: str, streams: list[int], repeats: int,
+                        max_tokens: int) -> dict:
+    """Tok/s over SSE of each server in ``urls`` and of the same requests on an in-process engine.
+
+    Measured in turns (each server, then the engine, per repeat and stream count), so drifts of a shared machine
+    hit all of them; the in-process engine takes the server's thread policy (``engine_threads`` without a
+    planner) and runs while the servers idle. The first turn warms everything up and is dropped.
+    """
+    from engine.checkpoint import load_model
+    from engine.runtime import engine_threads, set_threads
     from engine.scheduler import Engine
 
+    set_threads(engine_threads(planner_threads=0))
     loaded = load_model(checkpoint)
-    engine = Engine(loaded.model, loaded.tokenizer)
+    engine = Engine(loaded.model, loaded.tokenizer, max_running=max(streams))
     engine.start()
-    while not engine.ready.is_set():
-        await asyncio.sleep(0.01)
-    sse_rates, engine_rates = [], []
+    await asyncio.to_thread(engine.wait_ready, 120)
+    rates: dict = {str(n): {name: [] for name in [*urls, "in_process"]} for n in streams}
+    clients = {name: httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=max(streams) + 8))
+               for name, url in urls.items()}
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-            for i in range(repeats + 1):
-                body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
-                        "stream": True}
-                t0 = time.perf_counter()
-                async with client.stream("POST", "/v1/completions", json=body) as r:
-                    async for _ in r.aiter_lines():
-                        pass
-                sse = max_tokens / (time.perf_counter() - t0)
-                handle = engine.submit(GenerationRequest(prompt_ids=loaded.tokenizer.encode(prompt),
-                                                         max_tokens=max_tokens, ignore_eos=True,
-                                                         params=SamplingParams(temperature=1.0)))
-                t0 = time.perf_counter()
-                async for _ in handle.events():
-                    pass
-                if i:  # the first pair warms both up
-                    sse_rates.append(sse)
-                    engine_rates.append(max_tokens / (time.perf_counter() - t0))
+        for i in range(repeats + 1):
+            for n in streams:
+                turn = {name: await _sse_rate(client, prompt, max_tokens, n) for name, client in clients.items()}
+                turn["in_process"] = await _engine_rate(engine, loaded.tokenizer, prompt, max_tokens, n)
+                if i:
+                    for name, rate in turn.items():
+                        rates[str(n)][name].append(rate)
+                    print(f"{n} streams: " + ", ".join(f"{k} {v:.0f}" for k, v in turn.items()) + " tok/s", flush=True)
     finally:
+        for client in clients.values():
+            await client.aclose()
         engine.shutdown()
-    return statistics.median(sse_rates), statistics.median(engine_rates)
+    out = {}
+    for n, row in rates.items():
+        out[n] = {"tok_s": row, "ratio_to_in_process": {
+            name: [a / b for a, b in zip(row[name], row["in_process"])] for name in urls}}
+    return out
 
 
 def measure_load(url: str, args: argparse.Namespace) -> dict[str, dict]:
@@ -150,48 +182,64 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-chars", type=int, default=128)
     parser.add_argument("--history", default="0,1000,8000")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pair-streams", default="1,32", help="stream counts of the SSE against in-process turns")
+    parser.add_argument("--pair-tokens", type=int, default=256, help="tokens per request in those turns")
+    parser.add_argument("--baseline-root", type=Path, default=None,
+                        help="another checkout (e.g. main) whose server takes turns with this one's (before/after)")
+    parser.add_argument("--pairs-only", action="store_true", help="skip the load levels and the resume figures")
     args = parser.parse_args(argv)
+    from server.cli import configure_openmp
+
+    configure_openmp()  # the in-process engine's OpenMP as the server's: before this process loads torch
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or bench_checkpoint(Path(tmp) / "bench")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
-        proc = start_server(checkpoint, port, ["--max-running", "32", "--max-waiting", "64"])
+        roots = {"this": ROOT, **({"baseline": args.baseline_root.resolve()} if args.baseline_root else {})}
+        procs, urls = {}, {}
         try:
-            load = measure_load(url, args)
-            resume = measure_resume(url, args)
-            sse, engine_rate = asyncio.run(single_stream_pair(checkpoint, url, "x" * args.prompt_chars, 256,
-                                                              args.repeats))
+            for name, root in roots.items():
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                urls[name] = f"http://127.0.0.1:{port}"
+                procs[name] = start_server(checkpoint, port, ["--max-running", "32", "--max-waiting", "64"], root)
+            load = {} if args.pairs_only else measure_load(urls["this"], args)
+            resume = {} if args.pairs_only else measure_resume(urls["this"], args)
+            pairs = asyncio.run(sse_vs_engine(checkpoint, urls, "x" * args.prompt_chars,
+                                              [int(n) for n in args.pair_streams.split(",")], args.repeats,
+                                              args.pair_tokens))
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        print(f"single stream: SSE {sse:.0f} tok/s, in-process engine {engine_rate:.0f} tok/s", flush=True)
-    write_report(args, load, resume, sse, engine_rate)
+            for proc in procs.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+    write_report(args, load, resume, pairs, roots)
 
 
-def write_report(args: argparse.Namespace, load: dict, resume: dict, sse: float, engine_rate: float) -> None:
-    one = load["1"]["output_token_throughput"]
+def _range(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def write_report(args: argparse.Namespace, load: dict, resume: dict, pairs: dict, roots: dict) -> None:
     report = {
         "benchmark": "bench_serving",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load1_at_end": os.getloadavg()[0]},
         "checkpoint": str(args.checkpoint) if args.checkpoint else "random d_model=256 n_layer=4 byte-level",
-        "aggregate_tokens_per_second": {c: r["output_token_throughput"] for c, r in load.items()},
-        "aggregate_vs_one_stream": {c: r["output_token_throughput"] / one for c, r in load.items()},
-        "target_32_vs_1": 12.0,
-        "load": {c: {k: v for k, v in r.items()} for c, r in load.items()},
-        "resume": resume,
-        "target_resumed_ttft_flat": 1.2,
-        "single_stream": {"sse_tok_s": sse, "in_process_tok_s": engine_rate, "ratio": sse / engine_rate,
-                          "target_ratio": 0.9},
+        "servers": {name: str(root) for name, root in roots.items()},
+        "sse_vs_in_process": {n: {"ratio": {name: _range(r) for name, r in row["ratio_to_in_process"].items()},
+                                  "tok_s": {name: _range(r) for name, r in row["tok_s"].items()},
+                                  "rounds": row} for n, row in pairs.items()},
+        "target_sse_vs_in_process_1_stream": 0.9,
     }
+    if load:
+        one = load["1"]["output_token_throughput"]
+        report.update({
+            "aggregate_tokens_per_second": {c: r["output_token_throughput"] for c, r in load.items()},
+            "aggregate_vs_one_stream": {c: r["output_token_throughput"] / one for c, r in load.items()},
+            "target_32_vs_1": 12.0, "load": load, "resume": resume, "target_resumed_ttft_flat": 1.2})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({"aggregate_vs_one_stream": report["aggregate_vs_one_stream"],
-                      "resume": [(r["history_chars"], round(r["resumed_vs_no_history"], 2)) for r in resume["rows"]],
-                      "sse_vs_engine": round(report["single_stream"]["ratio"], 3)}, indent=2))
+    print(json.dumps({n: v["ratio"] for n, v in report["sse_vs_in_process"].items()}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -22,10 +22,13 @@ import httpx
 
 from loadtest.run import make_prompt, stream_completion
 
-# The default search (32 simulations: fewer build trees too shallow to reach
-# the default lag of 4 tokens, so every delta goes stale); min_confidence 0
-# so that the untrained heads' low confidences still apply (a_eff has data).
-THINK = {"min_confidence": 0.0}
+# Thinking that lands without holding up the first token: with the defaults
+# (lag 0, a plan per token) a thinking request waits for a search before
+# every token, its first one included, which is the point for short answers
+# but would set the mixed load's TTFT by the planner. Lag 1 plans every 8
+# tokens and waits one token later (jobs, injections, confidence, a_eff and
+# lag have data); min_confidence 0 so that low confidences still land.
+THINK = {"min_confidence": 0.0, "deliberation_lag": 1, "plan_every": 8}
 
 
 async def one_round(client: httpx.AsyncClient, model: str, rng: random.Random, max_tokens: int,

@@ -85,13 +85,23 @@ def load_planner_for(spec: WorkerSpec):
     return planner, info, model.state_shape()
 
 
-def worker_main(conn: Connection, spec: WorkerSpec) -> None:
-    """Entry point of a worker process."""
+def set_up_worker(spec: WorkerSpec) -> None:
+    """Lower the worker's CPU priority and set its torch threads, so that decoding keeps its cores.
+
+    OpenMP's wait policy comes from the environment the process was started with (the server sets it before
+    torch loads, see ``server.cli.configure_openmp``; a spawned worker inherits it): a worker's idle threads
+    then sleep instead of spinning on the cores the engine decodes on.
+    """
     try:
         os.nice(spec.nice)
     except OSError:
         pass
     torch.set_num_threads(max(1, spec.threads))
+
+
+def worker_main(conn: Connection, spec: WorkerSpec) -> None:
+    """Entry point of a worker process."""
+    set_up_worker(spec)
     planner, info, shape = load_planner_for(spec)
     conn.send(("ready", info))
     serve(conn, planner, shape)

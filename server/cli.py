@@ -42,6 +42,12 @@ OPTIONS = [
     Option("--default-max-tokens", int, 256, "max_tokens when a request does not set it"),
     Option("--session-bytes", int, 1 << 30, "byte budget of cached session states (LRU eviction past it)"),
     Option("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
+    Option("--session-store", str, "memory",
+           "where sessions live: memory (this process), a directory path (survives restarts; one server per "
+           "directory) or redis://HOST:PORT/DB (shared by replicas)"),
+    Option("--session-lease-seconds", float, 15.0,
+           "with redis://: a session's lease expires this long after its holder stops renewing it (a replica "
+           "that died mid-request frees its session after this)"),
     Option("--prefix-cache-bytes", int, 256 << 20, "byte budget of the automatic chat prefix cache"),
     Option("--max-body-bytes", int, 8 << 20, "largest request body accepted (413 above it), counted as it arrives"),
     Option("--header-timeout", float, 10.0,
@@ -50,12 +56,17 @@ OPTIONS = [
            "seconds a request body may take to arrive whole after its headers; past it 408 and the connection closed"),
     Option("--sse-ping-seconds", float, 15.0,
            "seconds between keep-alive comments on a quiet SSE stream (a /think waiting on its plan), for proxies"),
+    Option("--drain-timeout", float, 15.0,
+           "seconds requests in flight may still run after SIGTERM/SIGINT (new ones get 503); then they end with a "
+           "final event and the server exits 0; keep it below the container's stop grace period"),
     Option("--api-key", str, "", "comma-separated API keys; when set, requests need 'Authorization: Bearer <key>'"),
     Option("--api-keys-file", str, "", "file with one API key per line (added to --api-key)"),
     Option("--metrics-api-key", str, "", "when set, /metrics needs 'Authorization: Bearer <this key>' "
                                          "(the API keys do not open it)"),
     Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
-    Option("--threads", int, 0, "torch CPU threads of the engine (0: torch's default, less the planner workers' threads)"),
+    Option("--threads", int, 0,
+           "torch CPU threads of the engine (0: half the cores the planner workers leave, at least 1; see README, "
+           "Contention)"),
     Option("--planner-workers", int, 1, "planner worker processes for requests that think (0: no planner)"),
     Option("--planner-simulator", str, "auto",
            "leaf simulator of the search: dynamics (learned), backbone (the model's own step) or auto (the dynamics "
@@ -95,14 +106,12 @@ def build(args: argparse.Namespace):
     from engine.checkpoint import load_model
     from engine.runtime import engine_threads, set_threads
     from engine.scheduler import Engine
-    from engine.sessions import PrefixCache, SessionStore
+    from engine.sessions import PrefixCache, open_session_store
+    from engine.sessions.identity import model_identity
     from server.app import ServerConfig, create_app
     from server.metrics import Metrics
 
-    threads = args.threads
-    if threads == 0 and args.planner_workers > 0:  # leave the planner processes their cores
-        threads = engine_threads(args.planner_workers * args.planner_threads)
-    set_threads(threads)
+    set_threads(args.threads or engine_threads(args.planner_workers * args.planner_threads))
     loaded = load_model(args.checkpoint, dtype=args.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     metrics = Metrics(name)
@@ -118,10 +127,13 @@ def build(args: argparse.Namespace):
                           threads=args.planner_threads, nice=args.planner_nice, dtype=args.dtype)
         pool = PlannerPool(spec, workers=args.planner_workers, max_pending=args.planner_max_pending,
                            max_batch=args.planner_max_batch, observer=metrics)
+    sessions = open_session_store(
+        args.session_store, shape=loaded.model.state_shape(), model_id=model_identity(args.checkpoint, args.dtype),
+        device=loaded.model.device, max_bytes=args.session_bytes, ttl_seconds=args.session_ttl,
+        lease_seconds=args.session_lease_seconds)
     engine = Engine(
         loaded.model, loaded.tokenizer, max_running=args.max_running, max_waiting=args.max_waiting,
-        prefill_chunk=args.prefill_chunk, max_context=args.max_context,
-        sessions=SessionStore(max_bytes=args.session_bytes, ttl_seconds=args.session_ttl),
+        prefill_chunk=args.prefill_chunk, max_context=args.max_context, sessions=sessions,
         prefix_cache=PrefixCache(max_bytes=args.prefix_cache_bytes), observer=metrics,
     )
     if pool is not None:
@@ -129,13 +141,32 @@ def build(args: argparse.Namespace):
     config = ServerConfig(model_name=name, default_max_tokens=args.default_max_tokens,
                           max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
                           api_keys=load_api_keys(args), metrics_api_key=args.metrics_api_key.strip(),
-                          sse_ping_seconds=args.sse_ping_seconds, checkpoint_verified=loaded.verified)
+                          sse_ping_seconds=args.sse_ping_seconds, drain_timeout=args.drain_timeout,
+                          checkpoint_verified=loaded.verified)
     app = create_app(engine, loaded.tokenizer, ChatTemplate.for_checkpoint(loaded.tokenizer, args.checkpoint), config,
                      metrics, planner=pool)
     return app, engine
 
 
+OPENMP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def configure_openmp(environ=os.environ) -> None:
+    """OpenMP settings that torch's thread pool reads once, when torch loads: set here, before anything imports
+    torch, and inherited by the planner worker processes. A variable the user set is kept.
+
+    Every op of a decode step is a fork-join over the engine's intra-op threads. By default OpenMP's idle
+    threads spin; when another process holds one of the cores (a planner worker, another tenant), the thread
+    that waits spins out its time slice while the one it waits for is not running, and a step slows down by
+    10-40x instead of in proportion. Passive threads sleep and give the core back
+    (``loadtest/bench_contention.py``; README, "Contention").
+    """
+    for name, value in OPENMP_ENVIRONMENT.items():
+        environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    configure_openmp()
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not Path(args.checkpoint).is_dir():
@@ -146,26 +177,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --planner-simulator must be auto, dynamics or backbone, not {args.planner_simulator!r}",
               file=sys.stderr)
         return 2
+    if "://" in args.session_store and not args.session_store.startswith(("redis://", "rediss://", "unix://")):
+        print(f"error: --session-store must be memory, a directory path or redis://HOST:PORT/DB, not "
+              f"{args.session_store!r}", file=sys.stderr)
+        return 2
+    if not args.session_lease_seconds > 0:
+        print(f"error: --session-lease-seconds must be a positive number, not {args.session_lease_seconds}",
+              file=sys.stderr)
+        return 2
     for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
         if not value > 0:
             print(f"error: {flag} must be a positive number of seconds, not {value}", file=sys.stderr)
             return 2
+    if not 0 <= args.drain_timeout < math.inf:
+        print(f"error: --drain-timeout must be a number of seconds >= 0, not {args.drain_timeout}", file=sys.stderr)
+        return 2
     from engine.chat import ChatTemplateError
     from engine.checkpoint import CheckpointError
+    from engine.sessions import SessionStoreUnavailable
+    from engine.sessions.directory import StoreLocked
 
     try:
         app, _ = build(args)
-    except (CheckpointError, ChatTemplateError) as exc:
+    except (CheckpointError, ChatTemplateError, StoreLocked, SessionStoreUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import uvicorn
 
+    from server.drain import END_GRACE_SECONDS, DrainingServer
     from server.limits import header_timeout_protocol
 
-    # Streams drain for drain_seconds on SIGTERM, then end with their final event: uvicorn must wait that long.
-    grace = math.ceil(app.state.serving.config.drain_seconds) + 2
-    metrics = app.state.serving.metrics
-    protocol = header_timeout_protocol(args.header_timeout, lambda: metrics.slow_client("headers"))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=grace,
-                http=protocol)
-    return 0
+    serving = app.state.serving
+    protocol = header_timeout_protocol(args.header_timeout, lambda: serving.metrics.slow_client("headers"))
+    # The drain (server/drain.py) ends every request before uvicorn's own shutdown starts; its graceful timeout
+    # only covers responses still writing their last bytes.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, http=protocol,
+                            timeout_graceful_shutdown=math.ceil(END_GRACE_SECONDS))
+    server = DrainingServer(config, serving.drain, args.drain_timeout)
+    server.run()  # a server that started exits from inside (server.drain.exit_now); here it did not start
+    return 3  # uvicorn's start-up failure status (e.g. the port is taken)

@@ -43,6 +43,8 @@ class Metrics(EngineObserver, PlannerObserver):
                              registry=r).labels(**labels)
         self.waiting = Gauge("crsm_requests_waiting", "Requests queued for a batch slot", ["model_name"],
                              registry=r).labels(**labels)
+        self.draining = Gauge("crsm_draining", "1 while the server drains on SIGTERM (new requests get 503)",
+                              ["model_name"], registry=r).labels(**labels)
         self.prompt_tokens = Counter("crsm_prompt_tokens", "Prompt tokens of finished requests (cached included)",
                                      ["model_name"], registry=r).labels(**labels)
         self.cached_tokens = Counter("crsm_cached_prompt_tokens", "Prompt tokens served from a cached state",

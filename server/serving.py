@@ -31,10 +31,17 @@ from engine.requests import (
 )
 from engine.sampling import SamplingParams
 from engine.scheduler import Engine
-from engine.sessions import SessionBusy, SessionNotFound, SessionTooLarge
+from engine.sessions import (
+    SessionBusy,
+    SessionNotFound,
+    SessionStateInvalid,
+    SessionStoreUnavailable,
+    SessionTooLarge,
+)
 from engine.thinking import ThinkParams, ThoughtEvent
 from engine.tokenizer import Tokenizer
 from planner.verifiers import verdict
+from server.drain import RETRY_AFTER_SECONDS, Drain
 from server.errors import APIError
 from server.metrics import Metrics
 from server.responses import ModelCard, ModelList
@@ -53,11 +60,11 @@ class ServerConfig:
     metrics_api_key: str = ""  # when set, /metrics needs it as a bearer token
     retry_after_seconds: int = 1
     sse_ping_seconds: float = 15.0  # keep-alive comment on a quiet stream (proxies close idle connections)
-    drain_seconds: float = 3.0  # on shutdown, streams may finish for this long; then they are cancelled
+    drain_timeout: float = 15.0  # SIGTERM: requests in flight may finish for this long, then end (server/drain.py)
     checkpoint_verified: bool = True  # False: a foreign folder loaded without a manifest (shown in /v1/models)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the drain keeps a set of them
 class Generation:
     """One accepted request on its way through the engine."""
 
@@ -73,7 +80,7 @@ def serving(request: Request) -> Serving:
 
 
 def session_or_404(action: Callable[[], T], session_id: str) -> T:
-    """Run a session-store call; its refusals become 404, 409 or 413 errors."""
+    """Run a session-store call; its refusals become 404, 409 (busy; stored state refused), 413 or 503 errors."""
     try:
         return action()
     except SessionNotFound:
@@ -83,6 +90,11 @@ def session_or_404(action: Callable[[], T], session_id: str) -> T:
                        code="session_busy") from None
     except SessionTooLarge as exc:
         raise APIError(413, str(exc), param="session_id") from None
+    except SessionStateInvalid as exc:  # corrupt, foreign model or format: refused, never loaded
+        raise APIError(409, f"session '{session_id}' cannot be used: {exc}", param="session_id",
+                       code="session_state_invalid") from None
+    except SessionStoreUnavailable as exc:
+        raise APIError(503, str(exc), code="session_store_unavailable", headers={"Retry-After": "1"}) from None
 
 
 class Serving:
@@ -91,6 +103,7 @@ class Serving:
         self.engine, self.tokenizer, self.chat_template, self.config = engine, tokenizer, chat_template, config
         self.metrics = metrics or Metrics(config.model_name)
         self.planner = planner
+        self.drain = Drain(engine, on_change=self.metrics.draining.set)
         self.metrics.bind_store(lambda: {
             "sessions": len(engine.sessions), "session_bytes": engine.sessions.nbytes,
             "prefix_queries": engine.prefix_cache.queries, "prefix_hits": engine.prefix_cache.hits,
@@ -105,7 +118,12 @@ class Serving:
             self.engine.start()
 
     async def shutdown(self) -> None:
+        """The lifespan's end: requests still in flight (a shutdown that did not drain first) end with their final
+        event, then the engine and the planner stop."""
+        if self.drain.in_flight:
+            await self.drain.run(timeout=0.0)
         self.engine.shutdown()
+        self.engine.sessions.close()  # after the engine: its last requests have written back
         if self.planner is not None:
             await self.planner.stop()
 
@@ -131,6 +149,9 @@ class Serving:
         if body.model is not None and body.model != name:
             raise APIError(404, f"model '{body.model}' does not exist; this server serves '{name}'",
                            param="model", code="model_not_found")
+        if self.drain.draining:  # nothing was read or held: safe for a client or a proxy to send it elsewhere
+            raise APIError(503, "server is shutting down; retry on another replica or once it has restarted",
+                           code="draining", headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"})
         if not self.engine.ready.is_set():
             raise APIError(503, "model is loading or warming up", headers={"Retry-After": "5"})
 
@@ -184,22 +205,30 @@ class Serving:
                            headers={"Retry-After": str(self.config.retry_after_seconds)}) from None
         except EngineDead:
             raise APIError(503, "engine is not running") from None
-        return Generation(handle, body.session_id, logprobs, body.return_tokens_as_token_ids)
+        gen = Generation(handle, body.session_id, logprobs, body.return_tokens_as_token_ids)
+        self.drain.track(gen)  # the response writer calls drain.done(gen) once its final event is out
+        return gen
 
     # Metrics -------------------------------------------------------------------------------
-    def observe(self, gen: Generation, event: TokenEvent | ThoughtEvent | FinishEvent, last: list[float]) -> None:
-        """Request metrics of one event; ``last[0]`` carries the time of the request's previous token."""
+    def observe(self, gen: Generation, event: TokenEvent | ThoughtEvent | FinishEvent, last: list[float],
+                now: float | None = None) -> None:
+        """Request metrics of one event, timed at ``now``: when its frame is written (default: this call).
+
+        TTFT and ITL are what a client sees, so they are taken where the server sends a token, not when the engine
+        sampled it (a token may wait in the engine's outbox and the event loop). ``last[0]`` carries the send time
+        of the request's previous token.
+        """
+        now = time.monotonic() if now is None else now
         if isinstance(event, TokenEvent):
             if last[0] == 0.0:
-                self.metrics.ttft.observe(event.time - gen.handle.submitted)
+                self.metrics.ttft.observe(now - gen.handle.submitted)
             else:
-                self.metrics.itl.observe(event.time - last[0])
-            last[0] = event.time
+                self.metrics.itl.observe(now - last[0])
+            last[0] = now
             self.metrics.generation_tokens.inc()
         elif isinstance(event, FinishEvent):
-            self.metrics.e2e.observe(event.time - gen.handle.submitted)
+            self.metrics.e2e.observe(now - gen.handle.submitted)
             self.metrics.prompt_tokens.inc(event.usage.prompt_tokens)
             self.metrics.cached_tokens.inc(event.usage.cached_tokens)
-
 
 ServingDep = Annotated[Serving, Depends(serving)]  # a route parameter typed this way receives the serving object

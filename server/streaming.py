@@ -3,17 +3,20 @@
 Streams are ``sse_starlette.EventSourceResponse`` bodies fed pre-encoded
 frames (bytes pass through unchanged), one write per batch of events. The
 response pings (a comment line) every ``sse_ping_seconds`` so proxies keep a
-quiet stream open (a ``/think`` waiting on its plan), cancels the generation
+quiet stream open (a ``/think`` waiting on its plan) and cancels the generation
 when the client hangs up (the body's generator is cancelled, which cancels the
-request) and, on server shutdown, lets the stream run up to
-``drain_seconds`` before cancelling the request, which then ends with its
-final event.
+request). Every response tells the drain (:mod:`server.drain`) when it is done
+with its generation: on SIGTERM the drain lets streams run up to
+``--drain-timeout``, then cancels them, and each still ends with its final
+event (``finish_reason: "abort"``) and ``[DONE]``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import anyio
 from fastapi import Request
@@ -21,6 +24,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from engine.requests import FinishEvent, TokenEvent
 from engine.thinking import ThoughtEvent
+from server.drain import END_GRACE_SECONDS
 from server.errors import error_body
 from server.formatting import (
     SSE_DONE,
@@ -63,18 +67,29 @@ def _ping() -> ServerSentEvent:
 
 
 def event_stream(serving: Serving, gen: Generation, body: AsyncIterator[bytes]) -> EventSourceResponse:
-    config = serving.config
     shutdown = anyio.Event()
 
-    async def drain() -> None:
-        """Shutdown: the stream may finish within ``drain_seconds``; then the request is cancelled and ends."""
+    async def end_on_shutdown() -> None:
+        """uvicorn is exiting while this stream runs (the drain, which runs first, has normally ended it):
+        cancel the request now; the grace lets its final event out."""
         await shutdown.wait()
-        await anyio.sleep(config.drain_seconds)
         gen.handle.cancel()
 
-    return EventSourceResponse(body, headers=HEADERS, sep="\n", ping=config.sse_ping_seconds,
-                               ping_message_factory=_ping, shutdown_event=shutdown,
-                               shutdown_grace_period=config.drain_seconds + 1.0, data_sender_callable=drain)
+    return EventSourceResponse(_released(serving, gen, body), headers=HEADERS, sep="\n",
+                               ping=serving.config.sse_ping_seconds, ping_message_factory=_ping,
+                               shutdown_event=shutdown, shutdown_grace_period=END_GRACE_SECONDS,
+                               data_sender_callable=end_on_shutdown)
+
+
+async def _released(serving: Serving, gen: Generation, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``body``; then, however it ended (its last chunk written, or the client gone), the drain stops waiting
+    for ``gen``."""
+    try:
+        async with aclosing(body) as chunks:
+            async for chunk in chunks:
+                yield chunk
+    finally:
+        serving.drain.done(gen)
 
 
 def batches(gen: Generation) -> AsyncIterator[list[TokenEvent | ThoughtEvent | FinishEvent]]:
@@ -89,15 +104,19 @@ async def collect(serving: Serving, gen: Generation, request: Request) -> tuple[
     async def gather() -> tuple[list[TokenEvent], FinishEvent]:
         events: list[TokenEvent] = []
         last = [0.0]
-        async for batch in batches(gen):
-            for event in batch:
-                serving.observe(gen, event, last)
-                if isinstance(event, TokenEvent):
-                    events.append(event)
-                elif isinstance(event, FinishEvent):
-                    serving.record_verdict(gen, event, "".join(e.text for e in events) + event.text)
-                    return events, event
-        raise asyncio.CancelledError
+        try:
+            async for batch in batches(gen):
+                now = time.monotonic()
+                for event in batch:
+                    serving.observe(gen, event, last, now)
+                    if isinstance(event, TokenEvent):
+                        events.append(event)
+                    elif isinstance(event, FinishEvent):
+                        serving.record_verdict(gen, event, "".join(e.text for e in events) + event.text)
+                        return events, event
+            raise asyncio.CancelledError
+        finally:
+            serving.drain.done(gen)
 
     task = asyncio.create_task(gather())
     try:
@@ -134,6 +153,7 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
     answer: list[str] | None = [] if serving.wants_verdict(gen) else None  # for the verifier's verdict at finish
     async for batch in batches(gen):
         out: list[bytes] = []
+        now = time.monotonic()  # the batch is written as one frame right after: TTFT/ITL as the client sees them
         if head_due:  # the first batch: the head, with the prompt counted
             head_due = False
             prompt = handle.prompt_tokens if handle.prompt_tokens is not None else len(handle.request.prompt_ids)
@@ -142,7 +162,7 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
             if head:
                 out.append(head)
         for event in batch:
-            observe(gen, event, last)
+            observe(gen, event, last, now)
             if isinstance(event, TokenEvent):
                 produced += 1
                 if answer is not None:
@@ -176,8 +196,9 @@ async def think_events(serving: Serving, gen: Generation, rid: str) -> AsyncIter
     texts: list[str] = []  # the answer so far, for the verifier's verdict at finish
     async for batch in batches(gen):
         out: list[bytes] = []
+        now = time.monotonic()
         for event in batch:
-            observe(gen, event, last)
+            observe(gen, event, last, now)
             if isinstance(event, TokenEvent):
                 out.append(sse({"id": rid, "index": index, "token_id": event.token_id, "text": event.text}, "token"))
                 texts.append(event.text)

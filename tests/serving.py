@@ -29,7 +29,8 @@ def tiny_checkpoint(folder: Path) -> Path:
 def running_server(checkpoint: Path | None, *args: str, env: dict | None = None, timeout: float = 60.0):
     """Start ``python -m server`` on a free loopback port (default checkpoint if None); yield its URL; stop it.
 
-    The planner is off unless ``args`` asks for workers (it costs a process per server).
+    The planner is off unless ``args`` asks for workers (it costs a process per server); requests still in flight
+    when the block ends get 2 s of drain (``args`` may set ``--drain-timeout``).
     """
     with running_server_process(checkpoint, *args, env=env, timeout=timeout) as (url, _):
         yield url
@@ -42,7 +43,7 @@ def running_server_process(checkpoint: Path | None, *args: str, env: dict | None
     ckpt = ["--checkpoint", str(checkpoint)] if checkpoint is not None else []
     cmd = [sys.executable, "-m", "server", *ckpt, "--host", "127.0.0.1",
            "--port", str(port), "--model-name", "tiny", "--log-level", "warning", "--threads", "1",
-           "--planner-workers", "0", *args]
+           "--planner-workers", "0", "--drain-timeout", "2", *args]  # a test's leftovers end fast on exit
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     # Drain the pipe as the server writes: a full pipe buffer (64 KiB of warnings and tracebacks over a module's

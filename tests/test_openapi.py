@@ -231,7 +231,7 @@ def test_keep_alive_pings_and_one_final_event(checkpoint):
 
 def test_shutdown_drains_then_ends_streams_with_a_final_event(checkpoint):
     """SIGTERM: a stream that cannot finish within the drain time is cancelled and still ends properly."""
-    with running_server_process(checkpoint) as (base, proc):
+    with running_server_process(checkpoint, "--drain-timeout", "1") as (base, proc):
         body = {"prompt": "forever", "max_tokens": 30000, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -241,4 +241,4 @@ def test_shutdown_drains_then_ends_streams_with_a_final_event(checkpoint):
         assert len(rest) > 2 and rest[-1] == "data: [DONE]"  # tokens while draining, the final chunk, [DONE]
         last = exact(R.Completion, rest[-2][len("data: "):])
         assert last.choices[0].finish_reason == "abort"
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has stopped
+        assert proc.wait(timeout=30) == 0  # drained (server/drain.py): a clean exit

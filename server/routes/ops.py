@@ -25,7 +25,9 @@ async def health(srv: ServingDep):
 
 @router.get("/ready", response_model=Ready, responses=error_responses(503))
 async def ready(srv: ServingDep):
-    """200 once the model is loaded and warmed up, else 503."""
+    """200 once the model is loaded and warmed up, else 503 (also while draining on SIGTERM: take it out)."""
+    if srv.drain.draining:
+        return JSONResponse(error_body(503, "server is shutting down", code="draining"), status_code=503)
     if not (srv.engine.alive and srv.engine.ready.is_set()):
         return JSONResponse(error_body(503, "model is loading or warming up"), status_code=503)
     return Ready(model=srv.config.model_name)
