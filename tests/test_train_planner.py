@@ -7,8 +7,10 @@ import torch
 from engine.models.planner_net import PlannerNet
 from engine.train import tasks
 from engine.train.dynamics import Trajectory, collect, fidelity, layer_error, losses
-from engine.train.value import ValueConfig, calibration, rollout
+from engine.train.outcomes import Samples, final_features, prefix_targets, within_question_auc
+from engine.train.value import ValueConfig, ValueData, calibration, fit, reset_value_head, rollout, text_data
 from tests.conftest import make_model
+from tests.train_helpers import TEXT
 
 
 def test_collection_records_the_states_the_engine_produces(tiny_model):
@@ -86,3 +88,52 @@ def test_calibration_scores_perfect_and_base_rate_predictions():
 def test_value_config_defaults_point_at_the_assembled_checkpoint(tmp_path):
     cfg = ValueConfig(out_dir=str(tmp_path))
     assert cfg.checkpoint_dir == tmp_path / "assembled"
+
+
+def _right_and_wrong_answers(model, net, problems):
+    """Each question answered four ways (its right answer and three wrong ones), read through ``model``."""
+    answers = []
+    for p in problems:
+        right = p.answer.encode()
+        answers += [right, right + b"1", b"x" + right[1:], b"0" + right]
+    rows = [p for p in problems for _ in range(4)]
+    r = rollout(model, net, rows, temperature=0.0, max_new=12, seed=0, forced=answers)
+    return Samples(problems, [q for q in range(len(problems)) for _ in range(4)], r.completions, r.answers,
+                   r.features, r.verdicts)
+
+
+def _fit_and_rank(model, samples, verdicts):
+    """The value head fitted to ``verdicts`` (outcome-supervised); its within-question AUC against the truth."""
+    torch.manual_seed(0)
+    net = PlannerNet.for_backbone(model)
+    fitted = Samples(samples.problems, samples.question, samples.completions, samples.tokens, samples.features,
+                     verdicts)
+    x, y, w, _ = prefix_targets(fitted)
+    cfg = ValueConfig(steps=300, batch_size=64, lr=1e-2, min_lr=1e-3, warmup=5, text_windows=4, prefix=16, horizon=8)
+    text_x, text_y = text_data(model, net, np.frombuffer(TEXT, dtype=np.uint8), cfg, seed=0)
+    params = reset_value_head(net, seed=1)
+    fit(net, params, ValueData(x, y, w, text_x, text_y), cfg, 0, torch.optim.AdamW(params, lr=cfg.lr))
+    with torch.no_grad():
+        values, _ = net.values(final_features(samples).transpose(0, 1))
+    return within_question_auc(values.numpy(), np.array(samples.verdicts), np.array(samples.question))
+
+
+def test_outcome_supervised_value_tells_right_from_wrong_answers_only_with_true_labels(tiny_model):
+    net = PlannerNet.for_backbone(tiny_model)
+    samples = _right_and_wrong_answers(tiny_model, net, tasks.problems(40, "train", seed=3))
+    assert sum(samples.verdicts) == 40  # the verifier marks exactly the right answer of each question
+    x, y, w, q = prefix_targets(samples)
+    prompt_rows = w == 4  # the state after the prompt: visited by all four answers, one of them right
+    assert torch.allclose(y[prompt_rows], torch.full_like(y[prompt_rows], 2 * 0.25 - 1))
+    auc, pairs = _fit_and_rank(tiny_model, samples, samples.verdicts)
+    assert pairs == 40 * 3 and auc > 0.85  # 0.925 when written
+    # The same answers with each question's verdicts shuffled among its own answers: nothing to learn. Chance
+    # over 120 pairs varies by about 0.05, so the bound is on the mean over three shuffles (0.59 when written).
+    shuffled_aucs = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        shuffled = list(samples.verdicts)
+        for start in range(0, len(shuffled), 4):
+            shuffled[start : start + 4] = rng.permutation(shuffled[start : start + 4]).tolist()
+        shuffled_aucs.append(_fit_and_rank(tiny_model, samples, shuffled)[0])
+    assert np.mean(shuffled_aucs) < 0.7

@@ -32,7 +32,8 @@ def tiny_pipeline_config(tmp_path: Path, **sections) -> Path:
         "eval": {"problems": 16, "max_answer_tokens": 6, "text_windows": 3, "text_prefix": 16, "text_bytes": 24,
                  "bootstrap": 100, "simulator": "backbone",
                  "arms": {"eager": {"deliberation_lag": 1, "plan_every": 1, "simulations": 8},
-                          "control_no_injection": {"injection_rate": 0.0, "simulations": 8}}},
+                          "control_no_injection": {"injection_rate": 0.0, "simulations": 8}},
+                 "text_arms": ["eager", "control_no_injection"]},
     }
     for name, body in sections.items():
         config[name].update(body)
