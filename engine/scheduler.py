@@ -30,7 +30,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -57,6 +57,7 @@ from engine.sessions import PrefixCache, SessionBackend, SessionStore, start_sta
 from engine.state import MambaState
 from engine.thinking import PlanDropped, PlannerLink, StateDelta
 from engine.tokenizer import Tokenizer
+from engine.writeback import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class Engine:
         self.vocab = model.config.vocab_size
         self.eos_id = tokenizer.eos_id
         self._outbox = Outbox()
+        # persistent stores write on their own thread (engine/writeback.py), handed over at each flush
+        self._writer = WriteBehind() if getattr(self.sessions, "persistent", False) else None
+        self._writes: list[Callable[[Outbox], None]] = []
         self._deliberation = Deliberation(self.observer, self._outbox.emit, max_state_norm)
         self._flight = InFlight(DecodeBatch(model, max_running))  # where each request sits
         self._accepting = True  # False once the loop has ended: nothing may join the inbox after its last drain
@@ -124,6 +128,8 @@ class Engine:
             self._flight.wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._writer is not None:  # the final events of the last requests leave after their writes
+            self._writer.close(timeout)
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the model is warm; :class:`EngineDead` if the thread stops first, TimeoutError past ``timeout``."""
@@ -191,7 +197,7 @@ class Engine:
                     except Exception as exc:  # a step failed: fail the requests in flight, keep serving
                         log.exception("engine step failed")
                         self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
-                    self._outbox.flush()
+                    self._flush()
             message = "the engine is shutting down"
         except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
             log.exception("engine thread died")
@@ -201,7 +207,7 @@ class Engine:
         with self._flight.wake:
             self._accepting = False
         self._fail_all(message)
-        self._outbox.flush()
+        self._flush()
 
     def _next_arrivals(self) -> bool:
         """Wait for work, move new requests to the waiting queue; False when asked to stop."""
@@ -223,7 +229,7 @@ class Engine:
             self._resume_planned()
         self._admit()
         prefill_tokens = self._prefill_some()
-        self._outbox.flush()  # a prompt's first token leaves now, not with the next decode step's token
+        self._flush()  # a prompt's first token leaves now, not with the next decode step's token
         decode_batch = len(self._flight.batch)
         if self._flight.batch:
             self._decode_step()
@@ -401,22 +407,49 @@ class Engine:
         req, finish = seq.req, seq.finished
         state = None if finish.reason == "error" else state
         seq.phase = Phase.DONE
+        deferred = False
         try:
             if seq.plans is not None:
                 self._deliberation.end(seq)
-            if seq.session is not None:
-                if state is None:
-                    self.sessions.release(seq.session)
-                else:
-                    self.sessions.release(seq.session, state=state, pending=seq.pending,
-                                          n_tokens=seq.consumed + len(seq.pending))
+            if seq.session is not None and self._writer is not None:
+                self._write_behind(seq, state)
+                deferred = True
+            elif seq.session is not None:
+                self._write_back(seq, state)
             elif req.prefix_boundaries and state is not None and finish.reason in ("stop", "length"):
                 self.prefix_cache.put(list(req.prompt_ids) + seq.generated, state, pending=seq.pending)
         except Exception:  # the store refused the state (e.g. over its budget): the request still ends
             log.exception("could not write back the state of request %s", seq.handle.id)
         finally:
             self.observer.on_finish(finish.reason)
-            self._outbox.emit(seq.handle, finish)
+            if not deferred:
+                self._outbox.emit(seq.handle, finish)
+
+    def _flush(self) -> None:
+        """Send this step's events; then hand the step's session writes over (their final events follow them)."""
+        self._outbox.flush()
+        writes, self._writes = self._writes, []
+        for write in writes:
+            self._writer.submit(write)
+
+    def _write_back(self, seq: ActiveSequence, state: MambaState | None) -> None:
+        """The session takes ``state`` (if any) and the lease goes back, whatever the store says."""
+        if state is None:
+            self.sessions.release(seq.session)
+        else:
+            self.sessions.release(seq.session, state=state, pending=seq.pending,
+                                  n_tokens=seq.consumed + len(seq.pending))
+
+    def _write_behind(self, seq: ActiveSequence, state: MambaState | None) -> None:
+        """:meth:`_write_back` on the writer thread, then the final event (the lease is idle when it arrives)."""
+        def write(outbox: Outbox) -> None:
+            try:
+                self._write_back(seq, state)
+            except Exception:  # the store refused the state (over its budget, unreachable): the request still ends
+                log.exception("could not write back the state of request %s", seq.handle.id)
+            finally:
+                outbox.emit(seq.handle, seq.finished)
+        self._writes.append(write)
 
     def _drop_cancelled(self) -> None:
         for seq in self._flight.all():

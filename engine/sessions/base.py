@@ -109,6 +109,7 @@ class SessionBackend(Protocol):
     """
 
     evictions: int
+    persistent: bool  # True: release() writes to disk or the network, so the engine calls it off its own thread
 
     def __len__(self) -> int: ...
 

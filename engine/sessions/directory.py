@@ -73,6 +73,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class DirectorySessionStore:
+    persistent = True  # writes are fsynced files: the engine writes behind (engine/writeback.py)
+
     def __init__(self, root: str | Path, *, shape: StateShape, model_id: str, device: torch.device | str | None = None,
                  max_bytes: int = 1 << 30, ttl_seconds: float = 3600.0,
                  max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES, clock: Callable[[], float] = time.time):

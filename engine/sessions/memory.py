@@ -27,6 +27,8 @@ from engine.state import MambaState
 
 
 class SessionStore:
+    persistent = False  # a release is a few assignments: the engine does it in line
+
     def __init__(self, max_bytes: int = 1 << 30, ttl_seconds: float = 3600.0, clock: Callable[[], float] = time.monotonic,
                  max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES):
         self.max_bytes = max_bytes
