@@ -30,8 +30,8 @@ from engine.models.mamba_lm import MambaLMHeadModel
 from engine.ops import cpu_fused
 from engine.runtime import keep_freed_memory
 
-SHAPES = {"default": dict(d_model=256, n_layer=4, vocab_size=264), "130m": dict(d_model=768, n_layer=24,
-                                                                                 vocab_size=50280)}
+SHAPES = {"default": {"d_model": 256, "n_layer": 4, "vocab_size": 264}, "130m": {"d_model": 768, "n_layer": 24,
+                                                                                 "vocab_size": 50280}}
 LLAMA_CPP_F32_B1 = (1697, 2368)  # tok/s on the default shape, measured earlier on this machine (issue 16)
 
 

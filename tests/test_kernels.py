@@ -135,8 +135,8 @@ def session(model, ids, lengths, split, steps, state_rows=None):
     [
         (1, {}, None),
         (3, {}, 5),
-        (2, dict(rms_norm=False, bias=True, d_model=48, d_state=16), None),
-        (4, dict(d_model=64, n_layer=3, d_state=16), 4),
+        (2, {"rms_norm": False, "bias": True, "d_model": 48, "d_state": 16}, None),
+        (4, {"d_model": 64, "n_layer": 3, "d_state": 16}, 4),
     ],
 )
 def test_model_prefill_and_decode_match_eager(monkeypatch, b, overrides, state_rows):

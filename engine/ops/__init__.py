@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.ops import cpu_fused, kernels
-from engine.ops.causal_conv1d import causal_conv1d_step, last_window, time_window
 from engine.ops.causal_conv1d import causal_conv1d as _causal_conv1d_pure
+from engine.ops.causal_conv1d import causal_conv1d_step, last_window, time_window
 from engine.ops.selective_scan import LOG2E, initial_state_contribution, selective_state_step
 from engine.ops.selective_scan import selective_scan as _selective_scan_pure
 
@@ -80,4 +80,4 @@ def conv_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None
     return causal_conv1d_step(x, conv_state, weight, bias)
 
 
-__all__ = ["ssm_scan", "ssm_step", "conv", "conv_step", "kernels", "cpu_fused"]
+__all__ = ["conv", "conv_step", "cpu_fused", "kernels", "ssm_scan", "ssm_step"]

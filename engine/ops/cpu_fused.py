@@ -95,7 +95,7 @@ def _cpu_signature() -> str:
 
 
 def library_path(cxx: str) -> Path:
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
     key = hashlib.sha256(
         "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature()]).encode()
     ).hexdigest()[:16]
@@ -109,7 +109,7 @@ def build(cxx: str, target: Path) -> float:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -143,7 +143,7 @@ def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
         _declare(lib)
         if lib.crsm_abi_version() != ABI_VERSION:
             raise RuntimeError(f"ABI version {lib.crsm_abi_version()} != {ABI_VERSION}")
-    except Exception as exc:  # any build or load failure: the eager path still serves
+    except Exception as exc:  # noqa: BLE001 - any build or load failure: the eager path still serves
         return None, KernelStatus("eager", f"fused build/load failed: {type(exc).__name__}: {exc}")
     status = KernelStatus("fused", "built" if built else "cached build", str(target), built, time.perf_counter() - t0)
     return lib, status
