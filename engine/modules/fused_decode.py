@@ -24,10 +24,12 @@ from engine.ops import cpu_fused, kernels
 # Batches up to this size take the fused step; larger ones keep eager's
 # batched matmuls (MKL). Set from loadtest/bench_kernels.py's crossover.
 DEFAULT_MAX_BATCH = int(os.environ.get("CRSM_FUSED_DECODE_MAX_BATCH", "32"))
-# Below this many multiply-adds per layer a step runs on one thread: the
-# five barriers per layer cost more than a second core saves, and on a
-# loaded machine a barrier waits for a descheduled thread (measured: b1 on
-# the default shape ran ~5x slower with 2 threads than with 1 at load 11).
+# A step runs on one thread at batch 1, and at larger batches below this
+# many multiply-adds per layer: each layer has four barriers, and on a
+# loaded machine a barrier waits for a descheduled thread. Measured on the
+# shared 2-core VM at load ~15-20 (interleaved, tok/s): 130M shape at b1,
+# eager 7.6-8.6, fused on 1 thread 8.5-10.4, fused on 2 threads 0.5-1.7;
+# the default shape at b1 ran ~5x slower on 2 threads than on 1 at load 11.
 PARALLEL_MIN_MACS = 2_000_000
 
 
@@ -71,7 +73,7 @@ class FusedDecode:
     def threads_for(b: int, cfg) -> int:
         d, di, p = cfg.d_model, cfg.d_inner, cfg.dt_rank_value + 2 * cfg.d_state
         macs = b * (d * 2 * di + di * p + di * cfg.dt_rank_value + di * d)
-        return torch.get_num_threads() if macs >= PARALLEL_MIN_MACS else 1
+        return torch.get_num_threads() if b > 1 and macs >= PARALLEL_MIN_MACS else 1
 
     def __getstate__(self) -> dict:  # pickled/deep-copied models: the pointer array is rebuilt on use
         return {"max_batch": self.max_batch, "_key": None, "_array": None}
