@@ -310,3 +310,15 @@ def test_serve_default_picks_fused_path():
 def test_serve_switch_off_logs_eager():
     line = kernel_log_line({**os.environ, cpu_fused.ENV_SWITCH: "eager"})
     assert "CPU kernels: eager (CRSM_KERNELS=eager)" in line, line
+
+
+def test_fused_decode_only_where_it_won():
+    """Batch 1 of the small default shape and batches 2-32 go fused; 130M at batch 1 and b > 32 stay eager."""
+    from engine.config import MambaConfig
+    from engine.modules.fused_decode import FusedDecode
+
+    fused, small, big = FusedDecode(max_batch=32), MambaConfig(), MambaConfig(d_model=768, n_layer=24)
+    assert fused.wins(1, small) and fused.wins(8, small) and fused.wins(32, small)
+    assert not fused.wins(33, small)
+    assert not fused.wins(1, big) and fused.wins(8, big) and fused.wins(32, big)
+    assert fused.threads_for(1, small) == 1 and fused.threads_for(32, big) == torch.get_num_threads()
