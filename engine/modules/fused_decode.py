@@ -6,8 +6,9 @@ layer removes that overhead. The model keeps its ``nn.Linear`` modules (so
 engine/quant.py can swap them): the weights are read through the modules at
 every step, and the fused step runs only while every projection is a plain
 ``nn.Linear`` holding float32 weights on the CPU. Anything else (quantized
-layers, bf16, CUDA, autograd, batches above ``max_batch``) gets ``None`` and
-the caller runs the eager step.
+layers, bf16, CUDA, autograd, batches above ``max_batch``, batch 1 of large
+layers where eager is at the bandwidth limit) gets ``None`` and the caller
+runs the eager step.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from torch import Tensor, nn
 from engine.modules.block import RMSNorm
 from engine.ops import cpu_fused, kernels
 
-# Batches up to this size take the fused step; larger ones keep eager's
-# batched matmuls (MKL). Set from loadtest/bench_kernels.py's crossover.
+# Batches up to this size take the fused step (it won at 8 and 32 in
+# loadtest/bench_kernels.py); larger ones were not measured and keep eager's
+# batched matmuls (MKL).
 DEFAULT_MAX_BATCH = int(os.environ.get("CRSM_FUSED_DECODE_MAX_BATCH", "32"))
 # A step runs on one thread at batch 1, and at larger batches below this
 # many multiply-adds per layer: each layer has four barriers, and on a
