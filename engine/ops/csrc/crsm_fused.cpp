@@ -50,6 +50,41 @@ inline float exp2_fast(float x) {
 
 inline float silu(float v) { return v / (1.0f + exp2_fast(-v * kLog2e)); }
 
+// The same exp2 and silu on 16 lanes with GCC vector extensions: gcc did not
+// vectorise the scalar version inside the scan's lane loop (it ran scalar,
+// ~5 ns per state element), so the scan's 16-channel block is written with
+// explicit vectors.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline vf16 exp2_vec(vf16 x) {
+  const vf16 lo = vf16{} - 126.f, hi = vf16{} + 126.f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vf16 magic = vf16{} + 12582912.f;  // 1.5 * 2^23: (x + magic) - magic rounds to nearest
+  const vf16 xi = (x + magic) - magic;
+  const vf16 f = x - xi;
+  vf16 p = vf16{} + 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const vi16 bits = (__builtin_convertvector(xi, vi16) + 127) << 23;
+  return p * (vf16)bits;  // a vector cast reinterprets the bits
+}
+
+inline vf16 silu_vec(vf16 v) { return v / (1.0f + exp2_vec(-v * kLog2e)); }
+
+inline vf16 load16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+
 inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }
 
 // --- Prefill scan -----------------------------------------------------------
@@ -105,6 +140,38 @@ void scan_block(const ScanArgs& a, int64_t bi, int64_t d0) {
   }
   for (int64_t n = 0; n < N; ++n)
     for (int j = 0; j < W; ++j) hrow[(d0 + j) * N + n] = hl[n * W + j];
+}
+
+// Channels [d0, d0 + 16) of batch row bi: scan_block<16> with explicit vectors.
+void scan_block16(const ScanArgs& a, int64_t bi, int64_t d0) {
+  const int64_t N = a.N, D = a.D;
+  vf16 hl[kMaxState], al[kMaxState];
+  float* hrow = a.h + bi * D * N;
+  for (int64_t n = 0; n < N; ++n)
+    for (int j = 0; j < kLanes; ++j) {
+      hl[n][j] = hrow[(d0 + j) * N + n];
+      al[n][j] = a.A2[(d0 + j) * N + n];
+    }
+  const vf16 dsk = load16(a.Dskip + d0);
+  const float* xb = a.x + bi * a.sx_b + d0;
+  const float* dtb = a.dt + bi * a.sdt_b + d0;
+  const float* zb = a.z + bi * a.sz_b + d0;
+  const float* Bb = a.B + bi * a.sbc_b;
+  const float* Cb = a.C + bi * a.sbc_b;
+  float* ob = a.out + bi * a.L * D + d0;
+  for (int64_t t = 0; t < a.L; ++t) {
+    const vf16 xv = load16(xb + t * a.sx_t), dtv = load16(dtb + t * a.sdt_t), dtx = dtv * xv;
+    const float *Bt = Bb + t * a.sbc_t, *Ct = Cb + t * a.sbc_t;
+    vf16 y = vf16{};
+    for (int64_t n = 0; n < N; ++n) {
+      const vf16 hv = exp2_vec(dtv * al[n]) * hl[n] + dtx * Bt[n];
+      hl[n] = hv;
+      y += Ct[n] * hv;
+    }
+    store16(ob + t * D, (y + dsk * xv) * silu_vec(load16(zb + t * a.sz_t)));
+  }
+  for (int64_t n = 0; n < N; ++n)
+    for (int j = 0; j < kLanes; ++j) hrow[(d0 + j) * N + n] = hl[n][j];
 }
 
 // --- Decode step ---------------------------------------------------------------
@@ -275,7 +342,7 @@ int crsm_selective_scan(const float* x, const float* dt, const float* z, const f
   for (int64_t i = 0; i < b * per_row; ++i) {
     const int64_t bi = i / per_row, j = i % per_row;
     if (j < full)
-      scan_block<kLanes>(a, bi, j * kLanes);
+      scan_block16(a, bi, j * kLanes);
     else
       scan_block<1>(a, bi, full * kLanes + (j - full));
   }
