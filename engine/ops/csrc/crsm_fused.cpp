@@ -309,11 +309,17 @@ void ssm_update(const Dims& d, const float* const* w, const float* xz, const flo
       const float *Bn = row + R, *Cn = row + R + N;
       float* h = ssm + (r * d.Di + ch) * N;
       float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t n = 0; n < N; ++n) {
-        const float hv = exp2_fast(dt * a2[n]) * h[n] + dtx * Bn[n];
-        h[n] = hv;
-        acc += Cn[n] * hv;
+      if (N == kLanes) {  // the usual d_state: one vector (the scalar loop below is not vectorised by gcc)
+        const vf16 hv = exp2_vec(dt * load16(a2)) * load16(h) + dtx * load16(Bn);
+        store16(h, hv);
+        const vf16 prod = load16(Cn) * hv;
+        for (int j = 0; j < kLanes; ++j) acc += prod[j];
+      } else {
+        for (int64_t n = 0; n < N; ++n) {
+          const float hv = exp2_fast(dt * a2[n]) * h[n] + dtx * Bn[n];
+          h[n] = hv;
+          acc += Cn[n] * hv;
+        }
       }
       const float zv = xz[r * 2 * d.Di + d.Di + ch];
       y[r * d.Di + ch] = (acc + w[kDskip][ch] * xv) * silu(zv);
