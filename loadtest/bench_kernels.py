@@ -72,10 +72,11 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
     return 2 * m * k * n / best / 1e9
 
 
-def matmul_flops_per_token(cfg: MambaConfig) -> int:
+def matmul_flops_per_token(cfg: MambaConfig, lm_head: bool = True) -> int:
+    """Projection FLOPs per token; prefill computes logits for the last token only (``lm_head=False``)."""
     d, di, p = cfg.d_model, cfg.d_inner, cfg.dt_rank_value + 2 * cfg.d_state
     per_layer = d * 2 * di + di * p + cfg.dt_rank_value * di + di * d
-    return 2 * (cfg.n_layer * per_layer + d * cfg.vocab_size)
+    return 2 * (cfg.n_layer * per_layer + (d * cfg.vocab_size if lm_head else 0))
 
 
 def bench_shape(name: str, args: argparse.Namespace) -> dict:
@@ -102,7 +103,8 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict:
         tokens = size * steps if case.startswith("decode") else size
         row = {m: spread([tokens / t for t in times[case][m]]) for m in ("eager", "fused")}
         row["speedup"] = spread([e / f for e, f in zip(times[case]["eager"], times[case]["fused"])])
-        row["fused_fraction_of_matmul_limit"] = row["fused"]["median"] * flops_tok / (gemm * 1e9)
+        flops = flops_tok if case.startswith("decode") else matmul_flops_per_token(cfg, lm_head=False)
+        row["fused_fraction_of_matmul_limit"] = row["fused"]["median"] * flops / (gemm * 1e9)
         out["cases"][case] = row
     return out
 
