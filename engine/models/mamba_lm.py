@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from engine.config import MambaConfig
 from engine.modules.block import Block, make_norm
+from engine.modules.fused_decode import FusedDecode
 from engine.state import MambaState, StateShape
 
 
@@ -38,6 +39,7 @@ class MambaLMHeadModel(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
+        self.fused_decode = FusedDecode()
         self.init_weights()
 
     @torch.no_grad()
@@ -145,8 +147,15 @@ class MambaLMHeadModel(nn.Module):
         return self.forward(input_ids, state=state, lengths=lengths, last_only=True)
 
     def step(self, token_ids: Tensor, state: MambaState) -> Tensor:
-        """One token per sequence (b,) -> logits (b, V); ``state`` advances in place."""
+        """One token per sequence (b,) -> logits (b, V); ``state`` advances in place.
+
+        The fused CPU step (engine/modules/fused_decode.py) runs the layers
+        where it can; otherwise the eager layers below.
+        """
         hidden = self.backbone.embedding(token_ids)
+        normed = self.fused_decode.hidden(self, hidden, state.conv, state.ssm)
+        if normed is not None:
+            return self._logits(normed)
         residual = None
         for i, layer in enumerate(self.backbone.layers):
             hidden, residual = layer.step(hidden, residual, state.conv[i], state.ssm[i])

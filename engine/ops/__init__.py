@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.ops import kernels
-from engine.ops.causal_conv1d import causal_conv1d_step, last_window, time_window
+from engine.ops import cpu_fused, kernels
 from engine.ops.causal_conv1d import causal_conv1d as _causal_conv1d_pure
+from engine.ops.causal_conv1d import causal_conv1d_step, last_window, time_window
 from engine.ops.selective_scan import LOG2E, initial_state_contribution, selective_state_step
 from engine.ops.selective_scan import selective_scan as _selective_scan_pure
 
@@ -44,6 +44,9 @@ def ssm_scan(
             out = out + (y_extra * F.silu(z.float())).to(out.dtype)
             h_last = h_last + h_extra
         return out, h_last
+    fused = cpu_fused.selective_scan(x, dt, A * LOG2E, B, C, D, z, h0)
+    if fused is not None:
+        return fused[0].to(x.dtype), fused[1]
     y, h_last = _selective_scan_pure(x, dt, A, B, C, h0)
     out = (y + x.float() * D.float()) * F.silu(z.float())
     return out.to(x.dtype), h_last
@@ -77,4 +80,4 @@ def conv_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None
     return causal_conv1d_step(x, conv_state, weight, bias)
 
 
-__all__ = ["ssm_scan", "ssm_step", "conv", "conv_step", "kernels"]
+__all__ = ["conv", "conv_step", "cpu_fused", "kernels", "ssm_scan", "ssm_step"]

@@ -1,0 +1,324 @@
+"""The fused CPU kernels (engine/ops/cpu_fused.py, engine/modules/fused_decode.py) against the eager path.
+
+Parity at 1e-4 for the prefill scan and the whole-model decode step, greedy
+tokens on the default checkpoint, parity with transformers while the fused
+path runs, every fallback (switch, no compiler, failed build, swapped
+layers, autograd), and that the server picks the fused path by default.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import ops
+from engine.checkpoint import load_model
+from engine.ops import cpu_fused
+from engine.ops.selective_scan import LOG2E
+from tests.conftest import make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None
+needs_cxx = pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler: only the fallback can be tested")
+
+
+@pytest.fixture(autouse=True)
+def fresh_kernel_state():
+    """Each test reads CRSM_KERNELS and the cache dir anew, and leaves no loaded state behind."""
+    cpu_fused.reset()
+    yield
+    cpu_fused.reset()
+
+
+def set_mode(monkeypatch, mode: str) -> None:
+    monkeypatch.setenv(cpu_fused.ENV_SWITCH, mode)
+    cpu_fused.reset()
+
+
+def scan_inputs(b: int, L: int, D: int, N: int, seed: int, with_state: bool):
+    g = torch.Generator().manual_seed(seed)
+    xz = torch.randn(b, L, 2 * D, generator=g)
+    x, z = xz[..., :D], xz[..., D:]  # strided views, as the mixer's chunk gives them
+    dt = torch.nn.functional.softplus(torch.randn(b, L, D, generator=g) - 1.0)
+    if b > 1:
+        dt[0, L // 2 :] = 0  # a right-padded row: its tail is identity steps
+    A = -torch.exp(torch.randn(D, N, generator=g) * 0.5)
+    BC = torch.randn(b, L, 4 + 2 * N, generator=g)
+    B, C = BC[..., 4 : 4 + N], BC[..., 4 + N :]
+    Dskip = torch.randn(D, generator=g)
+    h0 = torch.randn(b, D, N, generator=g) if with_state else None
+    return x, dt, A, B, C, Dskip, z, h0
+
+
+def both_paths(monkeypatch, fn):
+    """fn() under CRSM_KERNELS=fused and under eager; asserts the fused run really used the library."""
+    set_mode(monkeypatch, "fused")
+    assert cpu_fused.status().path == "fused", cpu_fused.status()
+    fused = fn()
+    set_mode(monkeypatch, "eager")
+    eager = fn()
+    return fused, eager
+
+
+# Prefill scan --------------------------------------------------------------------
+@needs_cxx
+@pytest.mark.parametrize("L", [1, 15, 16, 17, 63, 64, 65, 300])
+@pytest.mark.parametrize("b,with_state", [(1, False), (3, True), (2, False)])
+@pytest.mark.parametrize("D,N", [(40, 8), (32, 16)])
+def test_scan_matches_eager(monkeypatch, L, b, with_state, D, N):
+    """Chunk boundaries of the eager scan (sqrt(L)), a channel tail beyond the 16-lane blocks, padding, h0."""
+    inputs = scan_inputs(b, L, D, N, seed=L * 7 + b, with_state=with_state)
+    with torch.inference_mode():
+        (out_f, h_f), (out_e, h_e) = both_paths(monkeypatch, lambda: ops.ssm_scan(*inputs))
+    torch.testing.assert_close(out_f, out_e, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(h_f, h_e, atol=1e-4, rtol=1e-4)
+    if with_state:
+        assert not torch.equal(h_f, inputs[-1])  # the start state was read, not written
+
+
+@needs_cxx
+def test_scan_does_not_touch_start_state(monkeypatch):
+    x, dt, A, B, C, Dskip, z, h0 = scan_inputs(2, 20, 32, 16, seed=3, with_state=True)
+    before = h0.clone()
+    set_mode(monkeypatch, "fused")
+    with torch.inference_mode():
+        assert cpu_fused.selective_scan(x, dt, A * LOG2E, B, C, Dskip, z, h0) is not None
+    assert torch.equal(h0, before)
+
+
+def test_scan_under_autograd_stays_eager(monkeypatch):
+    """Training needs gradients: tensors that require grad never reach the library."""
+    set_mode(monkeypatch, "fused")
+    x, dt, A, B, C, Dskip, z, h0 = scan_inputs(1, 10, 32, 16, seed=1, with_state=False)
+    x = x.clone().requires_grad_(True)
+    assert cpu_fused.selective_scan(x, dt, A * LOG2E, B, C, Dskip, z, h0) is None
+    out, _ = ops.ssm_scan(x, dt, A, B, C, Dskip, z, h0)
+    out.sum().backward()
+    assert x.grad is not None
+
+
+# Whole model: prefill and decode ---------------------------------------------------
+def session(model, ids, lengths, split, steps, state_rows=None):
+    """Prefill in two parts (the second from a state, right-padded), then ``steps`` greedy decode steps.
+
+    With ``state_rows``, decode runs on the first rows of a larger state
+    buffer, as the engine's decode batch does.
+    """
+    with torch.inference_mode():
+        _, state = model.prefill(ids[:, :split])
+        logits, state = model.prefill(ids[:, split:], lengths=lengths - split, state=state)
+        if state_rows:
+            buf = model.allocate_state(state_rows)
+            buf.conv[:, : ids.shape[0]] = state.conv
+            buf.ssm[:, : ids.shape[0]] = state.ssm
+            state = type(state)(buf.conv[:, : ids.shape[0]], buf.ssm[:, : ids.shape[0]])
+        outs, tok = [logits], logits.argmax(-1)
+        for _ in range(steps):
+            logits = model.step(tok, state)
+            outs.append(logits)
+            tok = logits.argmax(-1)
+    return torch.stack(outs), state.conv.clone(), state.ssm.clone()
+
+
+@needs_cxx
+@pytest.mark.parametrize(
+    "b,overrides,state_rows",
+    [
+        (1, {}, None),
+        (3, {}, 5),
+        (2, {"rms_norm": False, "bias": True, "d_model": 48, "d_state": 16}, None),
+        (4, {"d_model": 64, "n_layer": 3, "d_state": 16}, 4),
+    ],
+)
+def test_model_prefill_and_decode_match_eager(monkeypatch, b, overrides, state_rows):
+    model = make_model(seed=b, **overrides)
+    L = 70
+    ids = torch.randint(0, 256, (b, L), generator=torch.Generator().manual_seed(b))
+    lengths = torch.tensor([L - 13 * i for i in range(b)])
+    fused, eager = both_paths(monkeypatch, lambda: session(model, ids, lengths, split=17, steps=64,
+                                                           state_rows=state_rows))
+    for f, e in zip(fused, eager):
+        torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)
+
+
+@needs_cxx
+def test_fused_decode_runs_inside_model_step(monkeypatch):
+    """The step really takes the fused path (not silently eager) for a fp32 CPU model in inference."""
+    set_mode(monkeypatch, "fused")
+    model = make_model(seed=2)
+    state = model.allocate_state(2)
+    with torch.inference_mode():
+        emb = model.backbone.embedding(torch.tensor([3, 4]))
+        assert model.fused_decode.hidden(model, emb, state.conv, state.ssm) is not None
+
+
+@needs_cxx
+def test_default_checkpoint_greedy_tokens_identical(monkeypatch):
+    model = load_model(ROOT / "checkpoints" / "default").model.eval()
+    prompt = torch.tensor([list(b"def fibonacci(n):\n    ")])
+
+    def greedy():
+        with torch.inference_mode():
+            logits, state = model.prefill(prompt)
+            out = []
+            for _ in range(64):
+                tok = logits.argmax(-1)
+                out.append(int(tok))
+                logits = model.step(tok, state)
+        return out
+
+    fused, eager = both_paths(monkeypatch, greedy)
+    assert fused == eager
+
+
+@needs_cxx
+def test_parity_with_transformers_on_fused_path(monkeypatch, tmp_path):
+    from tests.test_model import hf_model
+
+    set_mode(monkeypatch, "fused")
+    hf = hf_model(tmp_path, hidden_size=48, state_size=16)
+    model = load_model(tmp_path).model
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gen = hf.generate(ids[:, :24], max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True)
+        logits, state = model.prefill(ids[:, :24])
+        assert model.fused_decode.hidden(model, model.backbone.embedding(ids[:, 0]), state.conv.clone(),
+                                         state.ssm.clone()) is not None
+        steps = [logits]
+        for t in range(23):
+            steps.append(model.step(gen.sequences[:, 24 + t], state))
+    assert (torch.stack(steps, 1) - torch.stack(gen.logits, 1)).abs().max() < 1e-4
+
+
+# Fallbacks ---------------------------------------------------------------------------
+def test_switch_to_eager_gives_the_eager_path(monkeypatch):
+    set_mode(monkeypatch, "eager")
+    assert cpu_fused.library() is None
+    assert cpu_fused.status().path == "eager" and "CRSM_KERNELS=eager" in cpu_fused.status().reason
+    x, dt, A, B, C, Dskip, z, h0 = scan_inputs(1, 9, 32, 16, seed=0, with_state=False)
+    assert cpu_fused.selective_scan(x, dt, A * LOG2E, B, C, Dskip, z, h0) is None
+    model = make_model(seed=1)
+    state = model.allocate_state(1)
+    with torch.inference_mode():
+        assert model.fused_decode.hidden(model, model.backbone.embedding(torch.tensor([1])), state.conv,
+                                         state.ssm) is None
+
+
+@pytest.mark.parametrize("cxx,reason", [("/nonexistent/g++", "no C++ compiler"), ("/bin/false", "build/load failed")])
+def test_no_compiler_or_failed_build_falls_back(monkeypatch, tmp_path, cxx, reason):
+    monkeypatch.setenv("CXX", cxx)
+    monkeypatch.setenv(cpu_fused.ENV_CACHE, str(tmp_path))
+    set_mode(monkeypatch, "fused")
+    assert cpu_fused.library() is None
+    assert reason in cpu_fused.status().reason
+    model = make_model(seed=6)
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(6))
+    outs, _, _ = session(model, ids, torch.tensor([30, 22]), split=10, steps=4)  # still serves, eagerly
+    assert torch.isfinite(outs).all()
+
+
+@needs_cxx
+def test_swapped_projection_falls_back_to_eager(monkeypatch):
+    """engine/quant.py swaps nn.Linear modules in place: a layer that is not a plain fp32 Linear runs eagerly."""
+
+    class Wrapped(torch.nn.Module):  # same arithmetic, not an nn.Linear: stands in for a quantized layer
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    set_mode(monkeypatch, "fused")
+    model = make_model(seed=8)
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(8))
+    before = session(model, ids, torch.tensor([20]), split=5, steps=8)
+    mixer = model.backbone.layers[1].mixer
+    mixer.out_proj = Wrapped(mixer.out_proj)
+    mixer.out_proj.weight = mixer.out_proj.inner.weight  # what the eager step reads
+    mixer.out_proj.bias = mixer.out_proj.inner.bias
+    state = model.allocate_state(1)
+    with torch.inference_mode():
+        assert model.fused_decode.hidden(model, model.backbone.embedding(torch.tensor([1])), state.conv,
+                                         state.ssm) is None
+    after = session(model, ids, torch.tensor([20]), split=5, steps=8)
+    for f, e in zip(before, after):
+        torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)
+
+
+@needs_cxx
+def test_library_builds_into_cache_then_reuses_it(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu_fused.ENV_CACHE, str(tmp_path))
+    set_mode(monkeypatch, "fused")
+    first = cpu_fused.status()
+    assert first.path == "fused" and first.reason == "built" and first.build_seconds > 0
+    assert Path(first.library).parent == tmp_path and Path(first.library).exists()
+    cpu_fused.reset()
+    again = cpu_fused.status()
+    assert again.reason == "cached build" and again.build_seconds == 0 and again.library == first.library
+
+
+# What `make serve` runs ---------------------------------------------------------------
+def kernel_log_line(env: dict, timeout: float = 120.0) -> str:
+    """Start ``python -m server`` (make serve's command, default checkpoint) under ``env``; its 'CPU kernels' line."""
+    from tests.serving import free_port
+
+    cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(free_port()), "--log-level", "info",
+           "--threads", "1", "--planner-workers", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put(None)], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            if "CPU kernels:" in line:
+                return line
+        pytest.fail(f"no 'CPU kernels:' log line within {timeout:.0f}s (server exit code {proc.poll()})")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@needs_cxx
+def test_serve_default_picks_fused_path():
+    env = {k: v for k, v in os.environ.items() if k != cpu_fused.ENV_SWITCH}  # unset, as `make serve` runs
+    line = kernel_log_line(env)
+    assert "CPU kernels: fused" in line, line
+
+
+def test_serve_switch_off_logs_eager():
+    line = kernel_log_line({**os.environ, cpu_fused.ENV_SWITCH: "eager"})
+    assert "CPU kernels: eager (CRSM_KERNELS=eager)" in line, line
+
+
+def test_fused_decode_only_where_it_won():
+    """Batch 1 of the small default shape and batches 2-32 go fused; 130M at batch 1 and b > 32 stay eager."""
+    from engine.config import MambaConfig
+    from engine.modules.fused_decode import FusedDecode
+
+    fused, small, big = FusedDecode(max_batch=32), MambaConfig(), MambaConfig(d_model=768, n_layer=24)
+    assert fused.wins(1, small) and fused.wins(8, small) and fused.wins(32, small)
+    assert not fused.wins(33, small)
+    assert not fused.wins(1, big) and fused.wins(8, big) and fused.wins(32, big)
+    assert fused.threads_for(1, small) == 1 and fused.threads_for(32, big) == torch.get_num_threads()
