@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: serve test reliability loadtool bench bench-planner loadtest train eval dashboard docker docker-cuda docker-test compose venv clean
+.PHONY: serve test reliability loadtool bench bench-planner bench-kernels bench-contention bench-resume bench-replicas loadtest train eval dashboard docker docker-cuda docker-test compose venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,19 @@ bench: $(STAMP)
 
 bench-planner: $(STAMP)
 	$(PY) -m loadtest.bench_planner --out loadtest/results/bench_planner.json
+
+# Fused CPU kernels against eager; the engine beside a busy co-tenant; resumed sessions per store; drain and replicas.
+bench-kernels: $(STAMP)
+	$(PY) -m loadtest.bench_kernels --out loadtest/results/bench_kernels.json
+
+bench-contention: $(STAMP)
+	$(PY) -m loadtest.bench_contention --out loadtest/results/bench_contention.json
+
+bench-resume: $(STAMP)
+	$(PY) -m loadtest.bench_resume --out loadtest/results/bench_resume.json
+
+bench-replicas: $(STAMP)
+	$(PY) -m loadtest.bench_replicas --out loadtest/results/bench_replicas.json
 
 loadtest: $(STAMP)
 	$(PY) -m loadtest.bench_serving --out loadtest/results/bench_serving.json
