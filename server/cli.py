@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+QUANTIZE_MODES = ("none", "bf16", "int8")  # engine.quant.MODES (checked equal by tests/test_quant.py)
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
 
 
@@ -55,6 +56,9 @@ OPTIONS = [
     Option("--metrics-api-key", str, "", "when set, /metrics needs 'Authorization: Bearer <this key>' "
                                          "(the API keys do not open it)"),
     Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
+    Option("--quantize", str, "none",
+           "weight-only linear layers over a float32 model: none, bf16 or int8 (per-channel); "
+           "state and scan stay float32"),
     Option("--threads", int, 0, "torch CPU threads of the engine (0: torch's default, less the planner workers' threads)"),
     Option("--planner-workers", int, 1, "planner worker processes for requests that think (0: no planner)"),
     Option("--planner-simulator", str, "auto",
@@ -103,7 +107,7 @@ def build(args: argparse.Namespace):
     if threads == 0 and args.planner_workers > 0:  # leave the planner processes their cores
         threads = engine_threads(args.planner_workers * args.planner_threads)
     set_threads(threads)
-    loaded = load_model(args.checkpoint, dtype=args.dtype)
+    loaded = load_model(args.checkpoint, dtype=args.dtype, quantize=args.quantize)
     name = args.model_name or Path(args.checkpoint).resolve().name
     metrics = Metrics(name)
     pool = None
@@ -145,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.planner_simulator not in ("auto", "dynamics", "backbone"):
         print(f"error: --planner-simulator must be auto, dynamics or backbone, not {args.planner_simulator!r}",
               file=sys.stderr)
+        return 2
+    if args.quantize not in QUANTIZE_MODES:
+        print(f"error: --quantize must be none, bf16 or int8, not {args.quantize!r}", file=sys.stderr)
+        return 2
+    if args.quantize != "none" and args.dtype != "float32":
+        print(f"error: --quantize {args.quantize} runs over a float32 model: drop --dtype {args.dtype}", file=sys.stderr)
         return 2
     for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
         if not value > 0:
