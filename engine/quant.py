@@ -8,11 +8,14 @@ per weight. :func:`quantize_model` swaps the model's ``nn.Linear`` modules
 
 - ``int8``: symmetric per-output-channel int8 weights, ``w ~= q * scale[row]``,
   run by ``torch.ops.aten._weight_int8pack_mm`` (torch's CPU weight-only int8
-  matmul, the one gpt-fast uses): activations stay float32, the weights are
-  widened in registers, the sum is float32 (1 byte per weight read).
-- ``bf16``: bfloat16 weights; the activation is cast to bfloat16 for the
-  matmul (oneDNN, AVX512-BF16 where the CPU has it), the result back to
-  float32 (2 bytes per weight read).
+  matmul, the one gpt-fast uses) for decode-sized inputs: 1 byte per weight
+  read, widened in registers, float32 sums;
+- ``bf16``: bfloat16 weights, oneDNN's bf16 matmul (AVX512-BF16 where the
+  CPU has it): 2 bytes per weight read.
+
+In both the activation is rounded to bfloat16 on its way into the matmul and
+the matmul's output is bfloat16 (8 significant bits), widened back to float32
+at once.
 
 Everything else stays as loaded (float32 by default): the embedding lookup
 (a tied ``lm_head`` gets its own quantized copy, the embedding table stays
@@ -37,6 +40,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 MODES = ("none", "bf16", "int8")
+INT8_GEMV_ROWS = 16  # rows up to which the int8 kernel runs; above, a bf16 matmul over widened weights (measured)
+INT8_K_MULTIPLE = 32  # torch's AVX512 int8 kernel reads K in whole vectors (K=24 crashed it): others are widened
 LINEAR_NAMES = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
 
@@ -56,6 +61,8 @@ class QuantizedWeight(Tensor):
         out = Tensor._make_wrapper_subclass(cls, data_q.shape, dtype=torch.float32, device=data_q.device,
                                             requires_grad=False)
         out.data_q, out.scales, out.kind = data_q, scales, kind
+        # The kernel wants bf16 scales: it gets ones, and the float32 scales multiply its output (no scale rounding).
+        out.unit_scales = None if scales is None else torch.ones_like(scales, dtype=torch.bfloat16)
         return out
 
     def __repr__(self) -> str:  # the default repr would dequantize through __torch_dispatch__
@@ -67,15 +74,22 @@ class QuantizedWeight(Tensor):
         return self.data_q.float()
 
     def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        """x (..., in) float32 -> (..., out) float32 through the low-precision kernel."""
+        """x (..., in) float32 -> (..., out) float32 through the low-precision kernel.
+
+        The activation enters the matmul as bfloat16 in both modes: torch's int8 kernel is vectorised for
+        bfloat16 activations only (with float32 ones it ran ~15x slower than the float32 matmul here), and
+        oneDNN's bf16 matmul takes bf16 on both sides. Past INT8_GEMV_ROWS rows (prefill, large batches) the
+        int8 weight is widened to bfloat16 for oneDNN's matmul, which beats the int8 kernel there.
+        """
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        if self.kind == "int8":
-            if x2.dtype != torch.float32:
-                x2 = x2.float()
-            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.data_q, self.scales)
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if self.kind == "bf16":
+            out = F.linear(x2, self.data_q).float()
+        elif x2.shape[0] <= INT8_GEMV_ROWS and x2.shape[1] % INT8_K_MULTIPLE == 0:
+            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.data_q, self.unit_scales)
+            out = out.float() * self.scales
         else:
-            out = F.linear(x2.to(torch.bfloat16), self.data_q).float()
+            out = F.linear(x2, self.data_q.to(torch.bfloat16)).float() * self.scales
         if bias is not None:
             out = out + bias
         return out.reshape(*lead, out.shape[-1]).to(x.dtype)
@@ -168,7 +182,7 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of weights a batch-1 decode step reads: every linear weight, norms, conv, A, D (not the embedding table)."""
+    """Weight bytes a batch-1 decode step reads: linears, norms, conv, A, D (not the embedding table: rows only)."""
     total = 0
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear):

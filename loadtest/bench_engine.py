@@ -103,10 +103,13 @@ def load_sides(args, folder: Path, hf) -> dict:
 
 
 def llama_round(tools, ggufs: dict, args) -> dict[str, dict[str, float]]:
+    """One repetition of llama.cpp's tools on each GGUF, for the measures asked for."""
+    prefills = [n for n in PREFILLS if f"prefill_{n}" in args.measures]
+    batches = [b for b in BATCHES if b > 1 and f"decode_b{b}" in args.measures]
     rates = {}
     for kind, path in ggufs.items():
-        r = llama_peer.run_bench(tools, path, args.threads, args.decode_tokens, list(PREFILLS))
-        r.update(llama_peer.run_batched(tools, path, args.threads, args.decode_tokens, [b for b in BATCHES if b > 1]))
+        r = llama_peer.run_bench(tools, path, args.threads, args.decode_tokens, prefills)
+        r.update(llama_peer.run_batched(tools, path, args.threads, args.decode_tokens, batches))
         rates[f"llama_{kind}"] = r
     return rates
 
@@ -142,7 +145,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.tune_allocator:
         keep_freed_memory()  # process-wide: helps every side alike
     shape = SHAPES[args.shape]
-    tools, why_no_llama = llama_peer.find_tools(args.llama_bench, args.llama_src) if args.llama else (None, "--no-llama")
+    tools, why_no_llama = (llama_peer.find_tools(args.llama_bench, args.llama_src) if args.llama
+                           else (None, "--no-llama"))
     samples: dict[str, dict[str, list[float]]] = {}
     limits: dict[str, list[float]] = {"memory_read_gbps": [], "matmul_gflops": []}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
@@ -154,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
         ggufs = llama_peer.convert(tools, folder, Path(tmp)) if tools else {}
         for name, path in ggufs.items():  # tied head: the GGUF's bytes are what a decode step reads
             cost[f"llama_{name}"] = (path.stat().st_size, cost["ours_none"][1] if "ours_none" in cost else 0.0)
-        cases = torch_cases(sides, args, shape["vocab"])
+        cases = {k: v for k, v in torch_cases(sides, args, shape["vocab"]).items() if k in args.measures}
         for _, calls in cases.values():  # warm-up
             for fn in calls.values():
                 fn()
@@ -166,7 +170,8 @@ def run(args: argparse.Namespace) -> dict:
                     samples.setdefault(measure, {}).setdefault(side, []).append(tokens / timed(fn))
             for side, rates in (llama_round(tools, ggufs, args) if tools else {}).items():
                 for measure, rate in rates.items():
-                    samples.setdefault(measure, {}).setdefault(side, []).append(rate)
+                    if measure in args.measures:
+                        samples.setdefault(measure, {}).setdefault(side, []).append(rate)
             print(f"round {r + 1}/{args.repeats} done", flush=True)
         checks = {}
         if args.hf and "ours_none" in sides:
@@ -223,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="default")
     parser.add_argument("--quantize", default="none,bf16,int8",
                         help="comma-separated weight modes of ours: none (float32), bf16, int8")
+    parser.add_argument("--measures", default=",".join([f"decode_b{b}" for b in BATCHES] +
+                                                           [f"prefill_{n}" for n in PREFILLS]),
+                        help="comma-separated subset of the measures")
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -235,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="leave glibc's malloc thresholds alone (the engine raises them)")
     args = parser.parse_args(argv)
     args.quantize = [m.strip() for m in args.quantize.split(",") if m.strip()]
+    args.measures = [m.strip() for m in args.measures.split(",") if m.strip()]
     from engine.quant import check_mode
 
     for mode in args.quantize:

@@ -64,7 +64,7 @@ def convert(tools: LlamaTools, hf_folder: Path, out_dir: Path) -> dict[str, Path
 def run_bench(tools: LlamaTools, gguf: Path, threads: int, decode_tokens: int, prefill: list[int]) -> dict[str, float]:
     """One repetition of llama-bench: tokens/s of decode b1 (``decode_b1``) and ``prefill_N``."""
     cmd = [str(tools.bench), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json",
-           "-n", str(decode_tokens), "-p", ",".join(map(str, prefill)), "-b", str(max(prefill))]
+           "-n", str(decode_tokens), "-p", ",".join(map(str, prefill or [0])), "-b", str(max(prefill or [512]))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
     rates = {}
     for test in json.loads(out.stdout):

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --quantize must be none, bf16 or int8, not {args.quantize!r}", file=sys.stderr)
         return 2
     if args.quantize != "none" and args.dtype != "float32":
-        print(f"error: --quantize {args.quantize} runs over a float32 model: drop --dtype {args.dtype}", file=sys.stderr)
+        print(f"error: --quantize {args.quantize} runs over a float32 model: drop --dtype {args.dtype}",
+              file=sys.stderr)
         return 2
     for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
         if not value > 0:
