@@ -57,7 +57,7 @@ class QuantizedWeight(Tensor):
     kind: str
 
     @staticmethod
-    def __new__(cls, data_q: Tensor, scales: Tensor | None, kind: str) -> QuantizedWeight:
+    def __new__(cls, data_q: Tensor, scales: Tensor | None, kind: str) -> QuantizedWeight:  # noqa: PYI034
         out = Tensor._make_wrapper_subclass(cls, data_q.shape, dtype=torch.float32, device=data_q.device,
                                             requires_grad=False)
         out.data_q, out.scales, out.kind = data_q, scales, kind
@@ -113,7 +113,7 @@ class QuantizedWeight(Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         """Any other op: run it on the dequantized weight (a plain float32 result)."""
-        unwrap = lambda a: a.dequantize() if isinstance(a, QuantizedWeight) else a  # noqa: E731
+        unwrap = lambda a: a.dequantize() if isinstance(a, QuantizedWeight) else a
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
 
 

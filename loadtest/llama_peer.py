@@ -28,8 +28,9 @@ class LlamaTools:
     src: Path | None
 
     def version(self) -> str:
-        out = subprocess.run([str(self.bench), "--version"], capture_output=True, text=True, timeout=60)
-        return (out.stdout + out.stderr).strip().splitlines()[-1] if (out.stdout + out.stderr).strip() else "unknown"
+        out = subprocess.run([str(self.bench), "--version"], check=False, capture_output=True, text=True, timeout=60)
+        text = (out.stdout + out.stderr).strip()
+        return " ".join(text.splitlines()[-2:]) if text else "unknown"
 
 
 def find_tools(bench: str | None, src: str | None) -> tuple[LlamaTools | None, str]:
@@ -38,7 +39,7 @@ def find_tools(bench: str | None, src: str | None) -> tuple[LlamaTools | None, s
     if not path or not Path(path).is_file():
         return None, "llama-bench not found (--llama-bench, CRSM_LLAMA_BENCH or PATH)"
     folder = Path(path).resolve().parent
-    sibling = lambda name: (folder / name) if (folder / name).is_file() else None  # noqa: E731
+    sibling = lambda name: (folder / name) if (folder / name).is_file() else None
     src_path = src or os.environ.get("CRSM_LLAMA_SRC")
     src_dir = Path(src_path) if src_path and (Path(src_path) / "convert_hf_to_gguf.py").is_file() else None
     if src_dir is None:
