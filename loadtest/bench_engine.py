@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> dict:
         cost = {name: (weight_bytes_per_token(m), machine_limits.flops_per_token(m))
                 for name, m in sides.items() if name != "hf"}
         ggufs = llama_peer.convert(tools, folder, Path(tmp)) if tools else {}
+        gguf_bytes = {name: path.stat().st_size for name, path in ggufs.items()}
         for name, path in ggufs.items():  # tied head: the GGUF's bytes are what a decode step reads
             cost[f"llama_{name}"] = (path.stat().st_size, cost["ours_none"][1] if "ours_none" in cost else 0.0)
         cases = {k: v for k, v in torch_cases(sides, args, shape["vocab"]).items() if k in args.measures}
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "llama.cpp": tools.version() if tools else None},
         "llama_cpp": {"present": tools is not None, "why_absent": why_no_llama or None,
-                      "gguf_bytes": {k: v.stat().st_size for k, v in ggufs.items()} if ggufs else {}},
+                      "gguf_bytes": gguf_bytes},
         "shape": args.shape, "model": {**shape, "d_state": 16, "expand": 2, "d_conv": 4, "weights": "random, seed 0"},
         "precision": precision, "cost_per_token": {k: {"weight_bytes": b, "flops": f} for k, (b, f) in cost.items()},
         "decode_tokens": args.decode_tokens, "repeats": args.repeats, "allocator_tuned": args.tune_allocator,
