@@ -335,9 +335,22 @@ def load_model(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
 ) -> LoadedModel:
-    """Load any supported folder (detected); our format is verified first. ``dtype`` may be a name in DTYPES."""
+    """Load any supported folder (detected); our format is verified first. ``dtype`` may be a name in DTYPES.
+
+    ``quantize`` ("none", "bf16", "int8"): weight-only linear layers over a float32 model (see engine/quant.py).
+    """
+    from engine.quant import check_mode, quantize_model
+
     directory = Path(directory)
+    try:
+        quantize = check_mode(quantize)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if quantize != "none" and dtype not in (None, "float32", torch.float32):
+        raise CheckpointError(f"quantize {quantize} runs over float32 activations: use it with dtype float32, "
+                              f"not {dtype}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -359,7 +372,13 @@ def load_model(
     else:
         config = MambaConfig.from_dict(_read_json(directory / CONFIG))
         tensors = normalize_state_dict(_read_weights(directory))
+    if quantize != "none":
+        dtype = torch.float32
     model = build_model(config, tensors, device=device, dtype=dtype, source=str(directory))
+    try:
+        quantize_model(model, quantize)
+    except ValueError as exc:  # e.g. a CUDA device: the int8/bf16 kernels here are CPU ones
+        raise CheckpointError(f"{directory}: {exc}") from None
     if fmt != "crsm":
         log.warning("%s: %s folder loaded UNVERIFIED (no manifest with hashes; `python -m engine.convert` writes "
                     "a verified copy)", directory, fmt)

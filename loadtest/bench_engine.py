@@ -1,13 +1,19 @@
-"""Engine benchmark: our pure-PyTorch Mamba against transformers' MambaForCausalLM.
+"""Engine benchmark: our Mamba (float32, bf16 and int8 weights) against transformers and llama.cpp, same weights.
 
-Both models hold the same random weights (ours is loaded from the HF folder
-through the production loader) and run in the same process, one after the
-other, so the figures are ratios taken side by side. Reported:
+Every side holds the same seeded random weights: transformers' ``MambaForCausalLM`` is built first and saved; ours
+loads that folder through the production loader (with ``--quantize`` modes applied); llama.cpp, where installed
+(see ``loadtest/llama_peer.py``), runs the folder converted to GGUF f32 and quantized to Q8_0. Rounds are
+interleaved: each round times every side once on every measure, so a shared machine's drifts hit all alike;
+figures are medians with the range over rounds. Reported, in tokens/s:
 
-- decode tokens/s at batch 1 and 32 (greedy, prompt of 8 tokens);
-- prefill tokens/s at 512 and 2048 tokens (last logits + recurrent state).
+- decode at batch 1, 8 and 32 (greedy, prompt of 8 tokens);
+- prefill of 512 and 2048 tokens (last logits + recurrent state).
 
-    python -m loadtest.bench_engine --out loadtest/results/bench_engine.json
+The machine's limits are measured in the same rounds (``loadtest/machine_limits.py``), and each figure is also
+given as a fraction of its limit: decode b1 as weight bytes per token x tok/s over the memory read bandwidth;
+batched decode and prefill as FLOPs per token x tok/s over the float32 matmul rate.
+
+    python -m loadtest.bench_engine --shape 130m --quantize none,bf16,int8 --llama-bench PATH --llama-src SRC
 """
 
 from __future__ import annotations
@@ -24,41 +30,27 @@ from pathlib import Path
 import torch
 
 from engine.runtime import keep_freed_memory
+from loadtest import llama_peer, machine_limits
 
-TARGETS = {"decode_b1": 3.0, "prefill_2048": 10.0}
-
-
-def timed_pair(ours, baseline, repeats: int) -> tuple[float, float]:
-    """Median wall times of two callables, run alternately after a warm-up each.
-
-    Alternating keeps slow drifts of a shared machine from favouring either side.
-    """
-    ours()
-    baseline()
-    t_ours, t_base = [], []
-    for _ in range(repeats):
-        for fn, times in ((ours, t_ours), (baseline, t_base)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(t_ours), statistics.median(t_base)
+SHAPES = {"default": {"d_model": 256, "n_layer": 4, "vocab": 264},
+          "130m": {"d_model": 768, "n_layer": 24, "vocab": 50280}}
+BATCHES = (1, 8, 32)
+PREFILLS = (512, 2048)
+TARGETS = {"decode_b1": 3.0, "prefill_2048": 10.0}  # ours float32 over transformers
 
 
-def build_models(d_model: int, n_layer: int, vocab: int, folder: Path):
+def build_hf(shape: dict, folder: Path):
     import transformers
 
-    from engine.checkpoint import load_model
-
     torch.manual_seed(0)
-    cfg = transformers.MambaConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layer, state_size=16,
-                                   expand=2, conv_kernel=4)
+    cfg = transformers.MambaConfig(vocab_size=shape["vocab"], hidden_size=shape["d_model"],
+                                   num_hidden_layers=shape["n_layer"], state_size=16, expand=2, conv_kernel=4)
     hf = transformers.MambaForCausalLM(cfg).eval()
-    # No EOS: both sides must generate exactly the greedy tokens, token 0 included.
+    # No EOS: every side must generate exactly the greedy tokens, token 0 included.
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     hf.save_pretrained(folder)
-    ours = load_model(folder).model
-    return hf, ours
+    return hf
 
 
 def ours_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -77,73 +69,189 @@ def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return seq[:, prompt.shape[1] :]
 
 
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def torch_cases(sides: dict, args, vocab: int) -> dict[str, tuple[float, dict]]:
+    """measure -> (tokens per call, {side: callable})."""
+    g = torch.Generator().manual_seed(0)
+    n = args.decode_tokens
+    cases = {}
+    for batch in BATCHES:
+        prompt = torch.randint(0, vocab, (batch, 8), generator=g)
+        calls = {name: (lambda m=m, p=prompt, gen=hf_generate if name == "hf" else ours_generate: gen(m, p, n))
+                 for name, m in sides.items()}
+        cases[f"decode_b{batch}"] = (batch * n, calls)
+    for length in PREFILLS:
+        ids = torch.randint(0, vocab, (1, length), generator=g)
+        calls = {name: (lambda m=m, i=ids: m(i, use_cache=True, logits_to_keep=1)) if name == "hf"
+                 else (lambda m=m, i=ids: m.prefill(i)) for name, m in sides.items()}
+        cases[f"prefill_{length}"] = (length, calls)
+    return cases
+
+
+def load_sides(args, folder: Path, hf) -> dict:
+    from engine.checkpoint import load_model
+
+    sides = {f"ours_{mode}": load_model(folder, quantize=mode).model for mode in args.quantize}
+    if hf is not None:
+        sides["hf"] = hf
+    return sides
+
+
+def llama_round(tools, ggufs: dict, args) -> dict[str, dict[str, float]]:
+    """One repetition of llama.cpp's tools on each GGUF, for the measures asked for."""
+    prefills = [n for n in PREFILLS if f"prefill_{n}" in args.measures]
+    batches = [b for b in BATCHES if b > 1 and f"decode_b{b}" in args.measures]
+    rates = {}
+    for kind, path in ggufs.items():
+        r = llama_peer.run_bench(tools, path, args.threads, args.decode_tokens, prefills)
+        r.update(llama_peer.run_batched(tools, path, args.threads, args.decode_tokens, batches))
+        rates[f"llama_{kind}"] = r
+    return rates
+
+
+def summarise(samples: dict, limits: dict, cost: dict) -> dict:
+    """Medians, ranges and fractions of the machine's limit per measure and side."""
+    bandwidth = max(limits["memory_read_gbps"]) * 1e9
+    flops = max(limits["matmul_gflops"]) * 1e9
+    out: dict[str, dict] = {}
+    for measure, per_side in samples.items():
+        out[measure] = {}
+        for side, rates in per_side.items():
+            entry = {"tok_s": statistics.median(rates), "tok_s_range": [min(rates), max(rates)], "rounds": len(rates)}
+            if side in cost:
+                bytes_tok, flops_tok = cost[side]
+                if measure == "decode_b1":
+                    entry["limit_tok_s"] = bandwidth / bytes_tok
+                    entry["limit"] = "memory read bandwidth / weight bytes per token"
+                else:
+                    entry["limit_tok_s"] = flops / flops_tok
+                    entry["limit"] = "float32 matmul rate / FLOPs per token"
+                entry["fraction_of_limit"] = entry["tok_s"] / entry["limit_tok_s"]
+            out[measure][side] = entry
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     import transformers
 
+    from engine.quant import describe, weight_bytes_per_token
+
     torch.set_num_threads(args.threads)
     if args.tune_allocator:
-        keep_freed_memory()  # process-wide: helps both sides alike
-    results: dict[str, dict] = {}
+        keep_freed_memory()  # process-wide: helps every side alike
+    shape = SHAPES[args.shape]
+    tools, why_no_llama = (llama_peer.find_tools(args.llama_bench, args.llama_src) if args.llama
+                           else (None, "--no-llama"))
+    samples: dict[str, dict[str, list[float]]] = {}
+    limits: dict[str, list[float]] = {"memory_read_gbps": [], "matmul_gflops": []}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        hf, ours = build_models(args.d_model, args.n_layer, args.vocab, Path(tmp))
-        g = torch.Generator().manual_seed(0)
-        for batch in (1, 32):
-            prompt = torch.randint(0, args.vocab, (batch, 8), generator=g)
-            n = args.decode_tokens
-            t_ours, t_hf = timed_pair(lambda: ours_generate(ours, prompt, n), lambda: hf_generate(hf, prompt, n),
-                                      args.repeats)
-            same = torch.equal(ours_generate(ours, prompt, n), hf_generate(hf, prompt, n))
-            results[f"decode_b{batch}"] = {
-                "batch": batch, "new_tokens": n, "ours_tok_s": batch * n / t_ours, "hf_tok_s": batch * n / t_hf,
-                "ratio": t_hf / t_ours, "greedy_tokens_equal": same,
-            }
-        for length in (512, 2048):
-            ids = torch.randint(0, args.vocab, (1, length), generator=g)
-            t_ours, t_hf = timed_pair(lambda: ours.prefill(ids), lambda: hf(ids, use_cache=True, logits_to_keep=1),
-                                      args.repeats)
-            diff = (ours.prefill(ids)[0] - hf(ids, use_cache=True, logits_to_keep=1).logits[:, -1]).abs().max().item()
-            results[f"prefill_{length}"] = {
-                "tokens": length, "ours_tok_s": length / t_ours, "hf_tok_s": length / t_hf, "ratio": t_hf / t_ours,
-                "max_abs_logit_diff": diff,
-            }
+        folder = Path(tmp) / "hf"
+        hf = build_hf(shape, folder)
+        sides = load_sides(args, folder, hf if args.hf else None)
+        cost = {name: (weight_bytes_per_token(m), machine_limits.flops_per_token(m))
+                for name, m in sides.items() if name != "hf"}
+        ggufs = llama_peer.convert(tools, folder, Path(tmp)) if tools else {}
+        gguf_bytes = {name: path.stat().st_size for name, path in ggufs.items()}
+        for name, path in ggufs.items():  # tied head: the GGUF's bytes are what a decode step reads
+            cost[f"llama_{name}"] = (path.stat().st_size, cost["ours_none"][1] if "ours_none" in cost else 0.0)
+        cases = {k: v for k, v in torch_cases(sides, args, shape["vocab"]).items() if k in args.measures}
+        for _, calls in cases.values():  # warm-up
+            for fn in calls.values():
+                fn()
+        for r in range(args.repeats):
+            for key, values in machine_limits.measure(repeats=2).items():
+                limits[key].extend(values)
+            for measure, (tokens, calls) in cases.items():
+                for side, fn in calls.items():
+                    samples.setdefault(measure, {}).setdefault(side, []).append(tokens / timed(fn))
+            for side, rates in (llama_round(tools, ggufs, args) if tools else {}).items():
+                for measure, rate in rates.items():
+                    if measure in args.measures:
+                        samples.setdefault(measure, {}).setdefault(side, []).append(rate)
+            print(f"round {r + 1}/{args.repeats} done", flush=True)
+        checks = {}
+        if args.hf and "ours_none" in sides:
+            prompt = torch.randint(0, shape["vocab"], (2, 8), generator=torch.Generator().manual_seed(1))
+            checks["greedy_tokens_equal_hf"] = torch.equal(ours_generate(sides["ours_none"], prompt, 32),
+                                                           hf_generate(hf, prompt, 32))
+        precision = {name: describe(m) for name, m in sides.items() if name != "hf"}
+    results = summarise(samples, limits, cost)
     for key, target in TARGETS.items():
-        results[key]["target_ratio"] = target
-        results[key]["meets_target"] = results[key]["ratio"] >= target
+        if "hf" in results.get(key, {}) and "ours_none" in results[key]:
+            ratio = results[key]["ours_none"]["tok_s"] / results[key]["hf"]["tok_s"]
+            results[key]["ours_none"].update(ratio_vs_hf=ratio, target_ratio=target, meets_target=ratio >= target)
     return {
         "benchmark": "bench_engine",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "device": "cpu"},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "model": {"d_model": args.d_model, "n_layer": args.n_layer, "vocab_size": args.vocab, "d_state": 16,
-                  "expand": 2, "d_conv": 4, "dtype": "float32"},
-        "baseline": "transformers MambaForCausalLM (CPU path without mamba-ssm kernels), same weights, same process",
-        "repeats": args.repeats,
-        "allocator_tuned": args.tune_allocator,
-        "results": results,
+                    "torch_threads": torch.get_num_threads(), "device": "cpu", "load_average": os.getloadavg()},
+        "limits": {k: {"best": max(v), "range": [min(v), max(v)]} for k, v in limits.items()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "llama.cpp": tools.version() if tools else None},
+        "llama_cpp": {"present": tools is not None, "why_absent": why_no_llama or None,
+                      "gguf_bytes": gguf_bytes},
+        "shape": args.shape, "model": {**shape, "d_state": 16, "expand": 2, "d_conv": 4, "weights": "random, seed 0"},
+        "precision": precision, "cost_per_token": {k: {"weight_bytes": b, "flops": f} for k, (b, f) in cost.items()},
+        "decode_tokens": args.decode_tokens, "repeats": args.repeats, "allocator_tuned": args.tune_allocator,
+        "checks": checks, "results": results,
     }
 
 
 def format_table(report: dict) -> str:
-    rows = ["| measure | ours tok/s | transformers tok/s | ratio | target |", "|---|---:|---:|---:|---:|"]
-    for key, r in report["results"].items():
-        target = f">= {r['target_ratio']:.0f}x" if "target_ratio" in r else ""
-        rows.append(f"| {key} | {r['ours_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {r['ratio']:.2f}x | {target} |")
+    sides = sorted({s for per in report["results"].values() for s in per})
+    rows = ["| measure | " + " | ".join(sides) + " |", "|---|" + "---:|" * len(sides)]
+    for measure, per in report["results"].items():
+        cells = []
+        for side in sides:
+            e = per.get(side)
+            if e is None:
+                cells.append("")
+                continue
+            lo, hi = e["tok_s_range"]
+            frac = f" ({e['fraction_of_limit']:.0%})" if "fraction_of_limit" in e else ""
+            cells.append(f"{e['tok_s']:.0f} [{lo:.0f}-{hi:.0f}]{frac}")
+        rows.append(f"| {measure} | " + " | ".join(cells) + " |")
+    lim = report["limits"]
+    rows.append(f"limits: memory read {lim['memory_read_gbps']['range'][0]:.1f}-{lim['memory_read_gbps']['best']:.1f}"
+                f" GB/s, matmul {lim['matmul_gflops']['range'][0]:.0f}-{lim['matmul_gflops']['best']:.0f} GFLOP/s; "
+                f"load average {report['machine']['load_average'][0]:.1f}")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/bench_engine.json"))
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=264)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="default")
+    parser.add_argument("--quantize", default="none,bf16,int8",
+                        help="comma-separated weight modes of ours: none (float32), bf16, int8")
+    parser.add_argument("--measures", default=",".join([f"decode_b{b}" for b in BATCHES] +
+                                                           [f"prefill_{n}" for n in PREFILLS]),
+                        help="comma-separated subset of the measures")
     parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--no-hf", dest="hf", action="store_false", help="leave transformers out")
+    parser.add_argument("--no-llama", dest="llama", action="store_false", help="leave llama.cpp out")
+    parser.add_argument("--llama-bench", default=None, help="llama-bench binary (else $CRSM_LLAMA_BENCH or PATH)")
+    parser.add_argument("--llama-src", default=None,
+                        help="llama.cpp source folder with convert_hf_to_gguf.py (else $CRSM_LLAMA_SRC)")
     parser.add_argument("--no-tune-allocator", dest="tune_allocator", action="store_false",
                         help="leave glibc's malloc thresholds alone (the engine raises them)")
     args = parser.parse_args(argv)
+    args.quantize = [m.strip() for m in args.quantize.split(",") if m.strip()]
+    args.measures = [m.strip() for m in args.measures.split(",") if m.strip()]
+    from engine.quant import check_mode
+
+    for mode in args.quantize:
+        try:
+            check_mode(mode)
+        except ValueError as exc:
+            parser.error(str(exc))
     report = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

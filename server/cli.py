@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+QUANTIZE_MODES = ("none", "bf16", "int8")  # engine.quant.MODES (checked equal by tests/test_quant.py)
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
 
 
@@ -64,6 +65,9 @@ OPTIONS = [
     Option("--metrics-api-key", str, "", "when set, /metrics needs 'Authorization: Bearer <this key>' "
                                          "(the API keys do not open it)"),
     Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
+    Option("--quantize", str, "none",
+           "weight-only linear layers over a float32 model: none, bf16 or int8 (per-channel); "
+           "state and scan stay float32"),
     Option("--threads", int, 0,
            "torch CPU threads of the engine (0: half the cores the planner workers leave, at least 1; see README, "
            "Contention)"),
@@ -112,7 +116,7 @@ def build(args: argparse.Namespace):
     from server.metrics import Metrics
 
     set_threads(args.threads or engine_threads(args.planner_workers * args.planner_threads))
-    loaded = load_model(args.checkpoint, dtype=args.dtype)
+    loaded = load_model(args.checkpoint, dtype=args.dtype, quantize=args.quantize)
     name = args.model_name or Path(args.checkpoint).resolve().name
     metrics = Metrics(name)
     pool = None
@@ -183,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.session_lease_seconds > 0:
         print(f"error: --session-lease-seconds must be a positive number, not {args.session_lease_seconds}",
+              file=sys.stderr)
+        return 2
+    if args.quantize not in QUANTIZE_MODES:
+        print(f"error: --quantize must be none, bf16 or int8, not {args.quantize!r}", file=sys.stderr)
+        return 2
+    if args.quantize != "none" and args.dtype != "float32":
+        print(f"error: --quantize {args.quantize} runs over a float32 model: drop --dtype {args.dtype}",
               file=sys.stderr)
         return 2
     for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
