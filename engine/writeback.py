@@ -55,7 +55,7 @@ class WriteBehind:
                 return
             try:
                 job(self._outbox)
-            except Exception:  # noqa: BLE001 - a job reports its own failures; this thread must go on
+            except Exception:  # a job reports its own failures; this thread must go on
                 log.exception("session write-back job failed")
             finally:
                 self._outbox.flush()

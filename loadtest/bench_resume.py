@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.process import free_port
+from loadtest.process import free_port, stop
 from loadtest.redis_server import running_redis
 from loadtest.run import stream_completion
 
@@ -75,15 +75,6 @@ def start_server(checkpoint: Path, store: str) -> tuple[subprocess.Popen, str, f
         time.sleep(0.02)
     proc.kill()
     raise RuntimeError("server not ready")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # Resume ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import redis
 
-from loadtest.process import free_port
+from loadtest.process import free_port, stop
 
 
 @contextmanager
@@ -43,9 +43,4 @@ def running_redis(timeout: float = 10.0) -> Iterator[str]:
             client.close()
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, timeout=5)

@@ -24,6 +24,7 @@ from engine import ops
 from engine.checkpoint import load_model
 from engine.ops import cpu_fused
 from engine.ops.selective_scan import LOG2E
+from loadtest.process import stop
 from tests.conftest import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,12 +293,7 @@ def kernel_log_line(env: dict, timeout: float = 120.0) -> str:
                 return line
         pytest.fail(f"no 'CPU kernels:' log line within {timeout:.0f}s (server exit code {proc.poll()})")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=20)
 
 
 @needs_cxx
