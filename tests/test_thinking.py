@@ -178,7 +178,10 @@ def test_a_delta_for_another_path_is_dropped_as_diverged(model):
     think = ThinkParams(injection_rate=1.0, min_confidence=0.0, plan_every=100, deliberation_lag=1)
     tokens, thoughts, _ = generate(model, link, think, n=10)
     assert [t.outcome for t in thoughts] == ["diverged"]
-    assert [t.logprob for t in tokens] == [t.logprob for t in plain]
+    # nothing landed: the same tokens; a thinking request's first token comes from a decode step, a plain one's from
+    # the prefill, which agree to float32 rounding (exactly with the eager path, to ~1e-7 with the fused kernels)
+    assert [t.token_id for t in tokens] == [t.token_id for t in plain]
+    assert [t.logprob for t in tokens] == pytest.approx([t.logprob for t in plain], abs=1e-5)
 
 
 def test_a_failed_plan_never_stops_a_waiting_sequence(model):
