@@ -38,10 +38,11 @@ from engine.train import tasks
 MAX_PATTERN_CHARS = 1000
 MAX_ANSWER_CHARS = 65536
 MATCH_TIMEOUT_S = 0.01  # per match: a search may call a verifier hundreds of times per plan
+MAX_REPEAT_PRODUCT = 100_000  # counted repeats multiplied together: the regex module writes them out when compiling
 
 Verifier = Callable[[str, str], bool]  # (prompt text, answer text) -> right?
 
-_QUESTION = re.compile(r"Q: ([^\n]*)\nA: ?$")
+_COUNTED_REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
 
 
 class VerifierError(ValueError):
@@ -53,9 +54,17 @@ class VerifierError(ValueError):
 
 
 def question_of(prompt: str) -> str | None:
-    """The task question a prompt ends with (``Q: {question}\\nA: ``), or None."""
-    m = _QUESTION.search(prompt)
-    return m[1] if m else None
+    """The task question a prompt ends with (``...Q: {question}\\nA: ``), or None.
+
+    Two string scans from the end, linear in the prompt (a regex search for ``Q: `` was quadratic on a prompt of
+    repeated ``Q: `` without the ending: a second per call at 32k characters, on the event loop).
+    """
+    head, newline, last = prompt.rpartition("\n")
+    if not newline or last not in ("A:", "A: "):
+        return None
+    line = head.rpartition("\n")[2]
+    start = line.find("Q: ")
+    return line[start + 3 :] if start >= 0 else None
 
 
 def _task(kind: str | None) -> Verifier:
@@ -92,9 +101,12 @@ def compile_pattern(pattern: str | None) -> regex.Pattern:
         raise VerifierError("verifier_pattern", "the regex verifier needs a non-empty verifier_pattern")
     if len(pattern) > MAX_PATTERN_CHARS:
         raise VerifierError("verifier_pattern", f"verifier_pattern is longer than {MAX_PATTERN_CHARS} characters")
-    try:
-        compiled = regex.compile(pattern, flags=regex.V0)
-    except (regex.error, OverflowError, RecursionError) as exc:
+    if repeat_product(pattern) > MAX_REPEAT_PRODUCT:  # a{3000000} alone compiles to 750 MB
+        raise VerifierError("verifier_pattern", f"verifier_pattern's counted repeats ({{m,n}}) multiply to more than "
+                                                f"{MAX_REPEAT_PRODUCT:,}")
+    try:  # not kept in the module's cache: a request's pattern lives as long as the request
+        compiled = regex.compile(pattern, flags=regex.V0, cache_pattern=False)
+    except (regex.error, OverflowError, RecursionError, MemoryError) as exc:
         raise VerifierError("verifier_pattern", f"verifier_pattern does not compile: {exc}") from None
     try:  # a pattern that cannot answer a short probe in time is refused up front
         compiled.fullmatch("a" * 32 + "!", timeout=0.05)
@@ -102,6 +114,15 @@ def compile_pattern(pattern: str | None) -> regex.Pattern:
         raise VerifierError("verifier_pattern", "verifier_pattern takes too long to match "
                                                 "(catastrophic backtracking)") from None
     return compiled
+
+
+def repeat_product(pattern: str) -> int:
+    """The product of every counted repeat's largest count in ``pattern`` (an upper bound on nested expansion)."""
+    product = 1
+    for low, high in _COUNTED_REPEAT.findall(pattern):
+        count = high or low or "1"
+        product *= 10**12 if len(count) > 12 else max(1, int(count))
+    return product
 
 
 def _regex(pattern: str | None) -> Verifier:
@@ -133,7 +154,19 @@ def get_verifier(name: str, pattern: str | None = None) -> Verifier:
         raise VerifierError("verifier", f"unknown verifier {name!r} (one of {', '.join(sorted(VERIFIERS))})")
     if pattern is not None and name != "regex":
         raise VerifierError("verifier_pattern", "verifier_pattern is only for the regex verifier")
-    return factory(pattern)
+    return _never_raises(factory(pattern))
+
+
+def _never_raises(verifier: Verifier) -> Verifier:
+    """A checker that fails on an odd answer (a 5,000-digit number, say) rejects it: one request's answer must
+    never end its stream or the planner batch it shares with others."""
+    def check(prompt: str, answer: str) -> bool:
+        try:
+            return bool(verifier(prompt, answer))
+        except Exception:  # noqa: BLE001 - any failure of a checker is a rejection
+            return False
+
+    return check
 
 
 def answer_end(text: str, stop: tuple[str, ...] | list[str]) -> int | None:

@@ -122,3 +122,28 @@ def test_verdict_on_a_final_answer():
     assert verdict("add", None, "Q: 47+38=\nA: ", "85") is True
     assert verdict("add", None, "Q: 47+38=\nA: ", "86") is False
     assert verdict(None, None, "Q: 47+38=\nA: ", "85") is None
+
+
+@pytest.mark.parametrize("pattern", ["a{1000000000}", "(a{1000}){1000}", "x{,3000000}"])
+def test_a_pattern_whose_counted_repeats_would_compile_to_gigabytes_is_refused(pattern):
+    # a{3000000} alone took 750 MB to compile (the regex module writes counted repeats out)
+    with pytest.raises(VerifierError) as err:
+        compile_pattern(pattern)
+    assert err.value.field == "verifier_pattern" and "repeats" in str(err.value)
+    assert get_verifier("regex", r"\d{3}-\d{4}")("", "555-1234")  # ordinary counts still pass
+
+
+def test_the_question_is_the_last_line_but_one_after_its_q():
+    from planner.verifiers import question_of
+
+    assert question_of("Q: 47+38=\nA: ") == "47+38=" and question_of("intro Q: 1+1=\nA:") == "1+1="
+    assert question_of("Q: 1+1=\nB: ") is None and question_of("no question") is None
+    assert question_of("Q: " * 11000) is None  # the regex search this replaced took a second here (quadratic)
+
+
+def test_a_checker_that_fails_on_an_odd_answer_rejects_it():
+    # int() refuses more than 4300 digits: the task checker raised, ending the stream and the planner's batch
+    huge = "Q: " + "9" * 5000 + "+1=\nA: "
+    for name in ("add", "task"):
+        assert get_verifier(name)(huge, "1") is False
+    assert verdict("add", None, huge, "1") is False
