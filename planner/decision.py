@@ -51,20 +51,22 @@ def project(change: Tensor, limit: Tensor) -> Tensor:
 
 
 def decision_deltas(model: MambaLMHeadModel, conv: Tensor, ssm: Tensor, tokens: Tensor, targets: Tensor,
-                    trust_region: float, target_margin: float = DEFAULT_TARGET_MARGIN,
+                    trust_region: float | Tensor, target_margin: float = DEFAULT_TARGET_MARGIN,
                     iterations: int = DEFAULT_ITERATIONS) -> Decision:
     """Changes of ``ssm`` (n_layer, M, d_inner, d_state) making ``targets`` win the step that feeds ``tokens``.
 
     ``conv``/``ssm`` are the states the step reads (the parents of the
     searched nodes), ``tokens`` (M,) the tokens it feeds, ``targets`` (M,) the
-    search's choices. Rows whose choice already wins by ``target_margin`` get
-    no change. Runs with autograd on copies, whatever mode the caller is in.
+    search's choices; ``trust_region`` one for all rows or (M,), one per row
+    (rows of several requests share a batch, each with its own). Rows whose
+    choice already wins by ``target_margin`` get no change. Runs with autograd on copies, whatever mode the caller is in.
     """
     with torch.inference_mode(False), torch.enable_grad():
         conv = conv.clone()
         base = ssm.float().clone()
         tokens, targets = tokens.clone().view(-1, 1), targets.clone().view(-1)
-        limit = max(trust_region, 0.0) * base.flatten(2).norm(dim=2).clamp_min(1.0)  # (L, M)
+        region = torch.as_tensor(trust_region, dtype=torch.float32).clamp_min(0.0)  # () or (M,)
+        limit = region * base.flatten(2).norm(dim=2).clamp_min(1.0)  # (L, M)
         change = torch.zeros_like(base)
         for it in range(iterations + 1):
             var = change.clone().requires_grad_(it < iterations)

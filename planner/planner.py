@@ -170,9 +170,9 @@ class Planner:
         convs, ssms = zip(*(self._parent_states(job, tree, br) for job, tree, br in wanted))
         tokens = torch.tensor([n.token for _, _, br in wanted for n in br.inner])
         targets = torch.tensor([n.best_child().token for _, _, br in wanted for n in br.inner])
-        regions = {job.params.trust_region for job, _, _ in wanted}
+        regions = torch.tensor([job.params.trust_region for job, _, br in wanted for _ in br.inner])  # per row
         decision = decision_deltas(self.model, torch.cat(convs, dim=1), torch.cat(ssms, dim=1), tokens, targets,
-                                   min(regions))
+                                   regions)
         first = 0
         for _, _, br in wanted:
             br.changes = decision.changes[first : first + len(br.inner)].contiguous()

@@ -228,3 +228,18 @@ def test_a_terminal_reward_steers_the_search_and_ends_the_branch():
     assert below.best_child().terminal and below.best_child().q == 1.0
     assert all(not c.visited_children() for c in below.visited_children())
     assert stats.simulations <= 200
+
+
+def test_each_row_of_a_decision_batch_keeps_its_own_trust_region():
+    """Rows of several requests share one batch: a request asking trust_region 0 must not zero the others'."""
+    from planner.decision import decision_deltas
+    from tests.conftest import make_model
+
+    model = make_model(seed=1)
+    state, tokens, targets = _decision_case(model, seed=1)
+    regions = torch.tensor([0.0] + [0.5] * (len(tokens) - 1))
+    decision = decision_deltas(model, state.conv, state.ssm, tokens, targets, trust_region=regions)
+    norms = decision.changes.flatten(2).norm(dim=2)  # (rows, layers)
+    assert float(norms[0].max()) == 0.0 and bool((norms[1:].sum(dim=1) > 0).all())
+    limit = regions.view(-1, 1) * state.ssm.flatten(2).norm(dim=2).clamp_min(1.0).transpose(0, 1)
+    assert bool((norms <= limit * (1 + 1e-4)).all())
