@@ -91,9 +91,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     for opt in OPTIONS:
         raw = os.environ.get(opt.env)
-        default = opt.type(raw) if raw is not None else opt.default
+        try:
+            default = opt.type(raw) if raw is not None else opt.default
+        except ValueError:
+            parser.error(f"{opt.env}={raw!r} is not a valid {opt.type.__name__} for {opt.flag}")
         parser.add_argument(opt.flag, type=opt.type, default=default, help=f"{opt.help} [env {opt.env}]")
     return parser.parse_args(argv)
+
+
+def weights_format(args: argparse.Namespace) -> str:
+    """What a stored state was computed with besides the checkpoint: the dtype, and the quantization when there is
+    one (an int8 replica's states are not a float32 replica's)."""
+    return args.dtype if args.quantize == "none" else f"{args.dtype}+{args.quantize}"
 
 
 def load_api_keys(args: argparse.Namespace) -> frozenset[str]:
@@ -132,7 +141,7 @@ def build(args: argparse.Namespace):
         pool = PlannerPool(spec, workers=args.planner_workers, max_pending=args.planner_max_pending,
                            max_batch=args.planner_max_batch, observer=metrics)
     sessions = open_session_store(
-        args.session_store, shape=loaded.model.state_shape(), model_id=model_identity(args.checkpoint, args.dtype),
+        args.session_store, shape=loaded.model.state_shape(), model_id=model_identity(args.checkpoint, weights_format(args)),
         device=loaded.model.device, max_bytes=args.session_bytes, ttl_seconds=args.session_ttl,
         lease_seconds=args.session_lease_seconds)
     engine = Engine(
@@ -185,8 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --session-store must be memory, a directory path or redis://HOST:PORT/DB, not "
               f"{args.session_store!r}", file=sys.stderr)
         return 2
-    if not args.session_lease_seconds > 0:
-        print(f"error: --session-lease-seconds must be a positive number, not {args.session_lease_seconds}",
+    for flag, value in (("--session-lease-seconds", args.session_lease_seconds), ("--session-ttl", args.session_ttl),
+                        ("--session-bytes", args.session_bytes)):
+        if not 0 < value < math.inf:  # a NaN TTL expired every session on disk; an infinite lease overflowed
+            print(f"error: {flag} must be a positive finite number, not {value}", file=sys.stderr)
+            return 2
+    if args.threads < 0:
+        print(f"error: --threads must be 0 (chosen at start-up) or a positive count, not {args.threads}",
               file=sys.stderr)
         return 2
     if args.quantize not in QUANTIZE_MODES:

@@ -320,3 +320,25 @@ def test_the_cli_refuses_a_bad_store_before_loading_anything(tmp_path, capsys, m
     assert "redis://HOST:PORT/DB" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path), "--session-store", "memory", "--session-lease-seconds", "0"]) == 2
     assert "--session-lease-seconds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--session-lease-seconds", "inf"), ("--session-lease-seconds", "nan"),
+                                        ("--session-ttl", "nan"), ("--session-ttl", "-1"), ("--session-bytes", "0"),
+                                        ("--threads", "-1")])
+def test_the_cli_refuses_non_finite_or_negative_store_bounds(tmp_path, capsys, flag, value):
+    # a NaN TTL expired every session on disk at start-up; an infinite lease made every session request a 500
+    from server.cli import main
+
+    assert main(["--checkpoint", str(tmp_path), flag, value]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_a_redis_url_with_a_bad_port_is_refused_and_a_bad_env_value_names_its_variable(tmp_path, monkeypatch):
+    from server.cli import parse_args
+
+    with pytest.raises(SessionStoreUnavailable, match="not usable"):
+        RedisSessionStore("redis://127.0.0.1:99999/0", shape=None, model_id="x")
+    monkeypatch.setenv("CRSM_THREADS", "abc")
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([])
+    assert exit_.value.code == 2

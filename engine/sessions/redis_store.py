@@ -55,7 +55,10 @@ class RedisSessionStore:
         self.shape, self.model_id, self.device = shape, model_id, device
         self.max_bytes, self.ttl, self.max_metadata_bytes = max_bytes, ttl_seconds, max_metadata_bytes
         self.lease_seconds = lease_seconds
-        self._redis = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        try:
+            self._redis = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        except ValueError as exc:  # redis://host:99999, redis://h:abc, a bad database number
+            raise SessionStoreUnavailable(f"the session store URL {url!r} is not usable: {exc}") from None
         self._call(self._redis.ping)
         self._scripts = {name: self._redis.register_script(getattr(redis_lua, name))
                          for name in ("CREATE", "LEASE", "RENEW", "WRITE_BACK", "DELETE", "PRUNE")}
@@ -80,8 +83,10 @@ class RedisSessionStore:
     def _call(self, action: Callable[[], T]) -> T:
         try:
             return action()
-        except redis.exceptions.ConnectionError as exc:  # TimeoutError is one too
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise SessionStoreUnavailable(f"the session store at {self.url} is unreachable: {exc}") from None
+        except redis.exceptions.RedisError as exc:  # out of memory, read-only replica after a failover, ...
+            raise SessionStoreUnavailable(f"the session store at {self.url} refused: {exc}") from None
 
     def _run(self, script: str, *args) -> object:
         return self._call(lambda: self._scripts[script](keys=[], args=[self.prefix, *args]))
