@@ -145,6 +145,8 @@ class _StoreCollector(Collector):
             ("crsm_prefix_cache_hits", "Chat prefix-cache lookups that found a state", "prefix_hits",
              CounterMetricFamily),
         ):
+            if key not in values:  # the store could not say (Redis unreachable): the rest of the scrape goes on
+                continue
             metric = family(name, doc, labels=["model_name"])
             metric.add_metric(label, values[key])
             yield metric

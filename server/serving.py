@@ -104,11 +104,19 @@ class Serving:
         self.metrics = metrics or Metrics(config.model_name)
         self.planner = planner
         self.drain = Drain(engine, on_change=self.metrics.draining.set)
-        self.metrics.bind_store(lambda: {
-            "sessions": len(engine.sessions), "session_bytes": engine.sessions.nbytes,
-            "prefix_queries": engine.prefix_cache.queries, "prefix_hits": engine.prefix_cache.hits,
-            "session_evictions": engine.sessions.evictions,
-        })
+        self.metrics.bind_store(self._store_figures)
+
+    def _store_figures(self) -> dict[str, int]:
+        """What /metrics reports of the stores; without the session figures while the session store is unreachable
+        (a Redis that is down must not take the whole scrape with it)."""
+        engine = self.engine
+        figures = {"prefix_queries": engine.prefix_cache.queries, "prefix_hits": engine.prefix_cache.hits}
+        try:
+            figures.update(sessions=len(engine.sessions), session_bytes=engine.sessions.nbytes,
+                           session_evictions=engine.sessions.evictions)
+        except SessionStoreUnavailable:
+            pass
+        return figures
 
     # Lifecycle -----------------------------------------------------------------------
     async def startup(self) -> None:

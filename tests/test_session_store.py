@@ -342,3 +342,24 @@ def test_a_redis_url_with_a_bad_port_is_refused_and_a_bad_env_value_names_its_va
     with pytest.raises(SystemExit) as exit_:
         parse_args([])
     assert exit_.value.code == 2
+
+
+def test_a_metrics_scrape_goes_on_while_redis_is_down(tmp_path):
+    """/metrics reads the store's figures; with Redis gone they are left out and the rest of the scrape is served."""
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from engine.sessions import PrefixCache
+    from server.metrics import Metrics
+    from server.serving import Serving
+
+    metrics = Metrics("m")
+    with running_redis() as url:
+        store = RedisSessionStore(url, shape=SHAPE, model_id=MODEL_ID)
+        serving = SimpleNamespace(engine=SimpleNamespace(sessions=store, prefix_cache=PrefixCache()))
+        metrics.bind_store(lambda: Serving._store_figures(serving))
+        assert b"crsm_sessions_cached" in generate_latest(metrics.registry)
+    text = generate_latest(metrics.registry)  # redis-server has stopped
+    assert b"crsm_sessions_cached" not in text and b"crsm_prefix_cache_queries" in text
+    store.close()
