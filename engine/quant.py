@@ -124,6 +124,8 @@ def quantize_weight(weight: Tensor, kind: str) -> QuantizedWeight:
         return QuantizedWeight(w.to(torch.bfloat16).contiguous(), None, kind)
     if kind != "int8":
         raise ValueError(f"quantize kind must be bf16 or int8, not {kind!r}")
+    if not bool(torch.isfinite(w).all()):  # a NaN row would round to finite garbage, an inf row to zeros
+        raise ValueError("int8 quantization needs finite weights; this layer has NaN or inf values")
     scales = w.abs().amax(dim=1) / 127.0
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero row stays zero
     q = torch.round(w / scales.unsqueeze(1)).clamp_(-127, 127).to(torch.int8).contiguous()

@@ -32,12 +32,26 @@ class WriteBehind:
     def __init__(self, name: str = "crsm-session-writer"):
         self._jobs: queue.Queue[Callable[[Outbox], None] | None] = queue.Queue()
         self._outbox = Outbox()
+        self._closing = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, job: Callable[[Outbox], None]) -> None:
-        """Run ``job(outbox)`` on the writer thread; what it emits is flushed right after it."""
-        self._jobs.put(job)
+        """Run ``job(outbox)`` on the writer thread; what it emits is flushed right after it.
+
+        After :meth:`close` (an engine thread that outlived its shutdown's join) the job runs here, on the caller's
+        thread: a late request still gets its write and its final event.
+        """
+        with self._closing:
+            if not self._closed:
+                self._jobs.put(job)
+                return
+        outbox = Outbox()
+        try:
+            job(outbox)
+        finally:
+            outbox.flush()
 
     @property
     def backlog(self) -> int:
@@ -45,7 +59,9 @@ class WriteBehind:
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the writes handed over so far, then stop the thread (the engine's shutdown calls this last)."""
-        self._jobs.put(None)
+        with self._closing:
+            self._closed = True
+            self._jobs.put(None)
         self._thread.join(timeout)
 
     def _run(self) -> None:

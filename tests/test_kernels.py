@@ -318,3 +318,13 @@ def test_fused_decode_only_where_it_won():
     assert not fused.wins(33, small)
     assert not fused.wins(1, big) and fused.wins(8, big) and fused.wins(32, big)
     assert fused.threads_for(1, small) == 1 and fused.threads_for(32, big) == torch.get_num_threads()
+
+
+def test_a_state_wider_than_the_kernel_falls_back_to_eager():
+    """d_state above the compiled bound (64): decode runs eagerly instead of raising (it raised on every step)."""
+    model = make_model(seed=0, d_state=80).eval()
+    with torch.inference_mode():
+        logits, state = model.prefill(torch.tensor([[1, 2, 3]]))
+        assert model.fused_decode.hidden(model, model.backbone.embedding(logits.argmax(-1)), state.conv,
+                                         state.ssm) is None
+        assert model.step(logits.argmax(-1), state).shape == (1, model.config.vocab_size)

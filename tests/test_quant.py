@@ -152,3 +152,14 @@ def test_cli_quantize_bad_value_is_a_clear_error(capsys, tmp_path):
     assert "--quantize must be none, bf16 or int8, not 'int4'" in capsys.readouterr().err
     assert main(["--checkpoint", str(folder), "--quantize", "int8", "--dtype", "bfloat16"]) == 2
     assert "float32" in capsys.readouterr().err
+
+
+def test_int8_refuses_non_finite_weights_instead_of_rounding_them_to_finite_garbage():
+    from engine.quant import quantize_weight
+
+    for bad in (float("nan"), float("inf")):
+        weight = torch.randn(8, 32)
+        weight[3, 5] = bad
+        with pytest.raises(ValueError, match="finite"):
+            quantize_weight(weight, "int8")
+    assert quantize_weight(torch.zeros(8, 32), "int8").scales.eq(1).all()  # an all-zero layer is fine

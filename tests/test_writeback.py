@@ -82,3 +82,16 @@ def test_a_slow_session_write_does_not_stall_other_streams_and_its_final_event_w
 
 async def _collect(handle) -> list:
     return [event async for event in handle.events()]
+
+
+def test_a_write_handed_over_after_close_still_runs_and_sends_its_final_event():
+    """An engine thread that outlived its shutdown's join hands writes over late: they run in line, none is lost."""
+    from engine.requests import Outbox
+    from engine.writeback import WriteBehind
+
+    writer = WriteBehind()
+    ran: list[str] = []
+    writer.submit(lambda outbox: ran.append("before close"))
+    writer.close()
+    writer.submit(lambda outbox: ran.append("after close") or isinstance(outbox, Outbox))
+    assert ran == ["before close", "after close"]

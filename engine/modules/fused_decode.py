@@ -112,8 +112,11 @@ class FusedDecode:
         norm_f = model.backbone.norm_f
         if type(norm_f) not in (RMSNorm, nn.LayerNorm) or norm_f.weight.dtype != torch.float32:
             return None
-        if not _state_layout_ok(conv, ssm):
+        if cfg.d_state > cpu_fused.MAX_STATE or not _state_layout_ok(conv, ssm):
             return None
+        expected = ((cfg.n_layer, b, cfg.d_inner, cfg.d_conv), (cfg.n_layer, b, cfg.d_inner, cfg.d_state))
+        if (tuple(conv.shape), tuple(ssm.shape)) != expected or tuple(embedded.shape) != (b, cfg.d_model):
+            return None  # the C code trusts these sizes: anything else is eager's to refuse
         lib = cpu_fused.library()
         if lib is None:
             return None
