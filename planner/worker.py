@@ -103,7 +103,10 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     """Entry point of a worker process."""
     set_up_worker(spec)
     planner, info, shape = load_planner_for(spec)
-    conn.send(("ready", info))
+    try:
+        conn.send(("ready", info))
+    except OSError:  # the server stopped while this worker was still loading: nobody is waiting for it
+        return
     serve(conn, planner, shape)
 
 
