@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from engine.checkpoint import CheckpointError, load_model, save_checkpoint
 from engine.quant import MODES, QuantizedLinear, QuantizedWeight, quantize_model, quantize_weight
+from loadtest.quant_quality import greedy
 from tests.conftest import make_model
 
 DEFAULT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
@@ -110,16 +111,6 @@ def test_padded_vocabulary_head_slices_stay_quantized():
     with torch.inference_mode():
         logits, _ = model.prefill(torch.randint(0, 250, (1, 5)))
     assert logits.shape == (1, 250)
-
-
-def greedy(model, prompts: torch.Tensor, n: int) -> torch.Tensor:
-    logits, state = model.prefill(prompts)
-    out = []
-    for _ in range(n):
-        token = logits.argmax(-1)
-        out.append(token)
-        logits = model.step(token, state)
-    return torch.stack(out, 1)
 
 
 @pytest.mark.parametrize("kind, threshold", [("bf16", 0.8), ("int8", 0.8)])
