@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from engine.ops import cpu_fused
+
 MODES = ("none", "bf16", "int8")
 INT8_GEMV_ROWS = 16  # rows up to which the int8 kernel runs; above, a bf16 matmul over widened weights (measured)
 INT8_K_MULTIPLE = 32  # torch's AVX512 int8 kernel reads K in whole vectors (K=24 crashed it): others are widened
@@ -76,11 +78,18 @@ class QuantizedWeight(Tensor):
     def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """x (..., in) float32 -> (..., out) float32 through the low-precision kernel.
 
-        The activation enters the matmul as bfloat16 in both modes: torch's int8 kernel is vectorised for
+        Decode-sized inputs (up to ``cpu_fused.LINEAR_MAX_ROWS`` rows) run the fused CPU library's kernel where it
+        is built: the weight is widened in registers, activations and sums stay float32. Otherwise (prefill, no
+        compiler, ``CRSM_KERNELS=eager``) torch's kernels run, and the activation enters the matmul as bfloat16
+        in both modes: torch's int8 kernel is vectorised for
         bfloat16 activations only (with float32 ones it ran ~15x slower than the float32 matmul here), and
         oneDNN's bf16 matmul takes bf16 on both sides. Past INT8_GEMV_ROWS rows (prefill, large batches) the
         int8 weight is widened to bfloat16 for oneDNN's matmul, which beats the int8 kernel there.
         """
+        if x.dtype == torch.float32:
+            fused = cpu_fused.linear(x, self.data_q, self.scales, bias)
+            if fused is not None:
+                return fused
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         if self.kind == "bf16":

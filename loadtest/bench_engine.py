@@ -93,6 +93,31 @@ def torch_cases(sides: dict, args, vocab: int) -> dict[str, tuple[float, dict]]:
     return cases
 
 
+def write_byte_level_tokenizer(path: Path) -> None:
+    """A byte-level BPE without merges (256 tokens): encodes any text for a random model of any vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path))
+
+
+def with_tokenizer(folder: Path, out: Path) -> Path:
+    """``folder``'s files linked into ``out`` plus a tokenizer.json.
+
+    The loader refuses a folder whose vocabulary is not byte-level without its tokenizer (the 130M shape), while
+    llama.cpp's converter must see no tokenizer (it then writes its built-in vocabulary; ours has no merges):
+    each side gets its own view of the same weights.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        (out / f.name).symlink_to(f.resolve())
+    write_byte_level_tokenizer(out / "tokenizer.json")
+    return out
+
+
 def load_sides(args, folder: Path, hf) -> dict:
     from engine.checkpoint import load_model
 
@@ -152,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         folder = Path(tmp) / "hf"
         hf = build_hf(shape, folder)
-        sides = load_sides(args, folder, hf if args.hf else None)
+        sides = load_sides(args, with_tokenizer(folder, Path(tmp) / "ours"), hf if args.hf else None)
         cost = {name: (weight_bytes_per_token(m), machine_limits.flops_per_token(m))
                 for name, m in sides.items() if name != "hf"}
         ggufs = llama_peer.convert(tools, folder, Path(tmp)) if tools else {}

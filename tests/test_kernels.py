@@ -308,16 +308,69 @@ def test_serve_switch_off_logs_eager():
     assert "CPU kernels: eager (CRSM_KERNELS=eager)" in line, line
 
 
-def test_fused_decode_only_where_it_won():
-    """Batch 1 of the small default shape and batches 2-32 go fused; 130M at batch 1 and b > 32 stay eager."""
+def test_fused_decode_batches_and_threads():
+    """Every batch up to max_batch goes fused (130M at batch 1 too); steps too small to split run on 1 thread."""
     from engine.config import MambaConfig
     from engine.modules.fused_decode import FusedDecode
 
     fused, small, big = FusedDecode(max_batch=32), MambaConfig(), MambaConfig(d_model=768, n_layer=24)
+    tiny = MambaConfig(d_model=32, n_layer=2)
     assert fused.wins(1, small) and fused.wins(8, small) and fused.wins(32, small)
     assert not fused.wins(33, small)
-    assert not fused.wins(1, big) and fused.wins(8, big) and fused.wins(32, big)
-    assert fused.threads_for(1, small) == 1 and fused.threads_for(32, big) == torch.get_num_threads()
+    assert fused.wins(1, big) and fused.wins(8, big) and fused.wins(32, big)
+    assert fused.threads_for(1, tiny) == 1
+    assert fused.threads_for(1, small) == fused.threads_for(32, big) == torch.get_num_threads()
+
+
+@needs_cxx
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("b", [1, 5])
+def test_fused_decode_with_quantized_weights_matches_the_eager_quantized_step(monkeypatch, kind, b):
+    """engine/quant.py's int8 / bf16 layers run inside the fused step, reading the same low-precision weights
+    with the same GEMV arithmetic the eager step uses per projection: the two agree at 1e-4."""
+    from engine.quant import quantize_model
+
+    set_mode(monkeypatch, "fused")
+    model = quantize_model(make_model(seed=11, d_model=64, n_layer=2, d_state=16), kind)
+    ids = torch.randint(0, 256, (b, 30), generator=torch.Generator().manual_seed(b))
+    lengths = torch.full((b,), 30)
+    with torch.inference_mode():
+        _, state = model.prefill(ids)
+        assert model.fused_decode.hidden(model, model.backbone.embedding(ids[:, 0]), state.conv.clone(),
+                                         state.ssm.clone()) is not None  # the quantized model is fused-eligible
+    fused = session(model, ids, lengths, split=10, steps=24)
+    monkeypatch.setattr(model.fused_decode, "wins", lambda batch, cfg: False)  # per-projection eager step
+    eager = session(model, ids, lengths, split=10, steps=24)
+    for f, e in zip(fused, eager):
+        torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)
+
+
+@needs_cxx
+def test_packed_pointers_follow_swaps_and_in_place_edits(monkeypatch):
+    """The fused step caches its pointer table: quantizing the model in place after fused steps, and an
+    in-place edit of A_log (training), are both seen by the next step."""
+    from engine.quant import quantize_model
+
+    set_mode(monkeypatch, "fused")
+    model = make_model(seed=12, d_model=64, n_layer=2, d_state=16)
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(12))
+    session(model, ids, torch.tensor([20]), split=5, steps=3)  # packs float32 pointers
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.A_log.mul_(0.5)
+    edited = session(model, ids, torch.tensor([20]), split=5, steps=6)
+    monkeypatch.setattr(model.fused_decode, "wins", lambda batch, cfg: False)
+    edited_eager = session(model, ids, torch.tensor([20]), split=5, steps=6)
+    for f, e in zip(edited, edited_eager):
+        torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)
+    monkeypatch.undo()
+    set_mode(monkeypatch, "fused")
+    quantize_model(model, "int8")
+    quantized = session(model, ids, torch.tensor([20]), split=5, steps=6)
+    monkeypatch.setattr(model.fused_decode, "wins", lambda batch, cfg: False)
+    quantized_eager = session(model, ids, torch.tensor([20]), split=5, steps=6)
+    for f, e in zip(quantized, quantized_eager):
+        torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(quantized[0], edited[0])  # the int8 weights really are what ran
 
 
 def test_a_state_wider_than_the_kernel_falls_back_to_eager():

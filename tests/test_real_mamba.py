@@ -13,20 +13,10 @@ import sys
 import pytest
 import torch
 
+from loadtest.bench_engine import write_byte_level_tokenizer as byte_level_tokenizer_json
 from tests.serving import ROOT, complete, ids_request, running_server, token_ids
 
 VOCAB = 1024  # more than twice the byte-level fallback's: a model that needs its own tokenizer
-
-
-def byte_level_tokenizer_json(path) -> None:
-    """A byte-level BPE without merges (256 tokens): enough to encode any prompt for a random model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(path))
 
 
 @pytest.fixture(scope="module")

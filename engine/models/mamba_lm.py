@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from engine.config import MambaConfig
 from engine.modules.block import Block, make_norm
 from engine.modules.fused_decode import FusedDecode
+from engine.ops import cpu_fused
+from engine.quant import QuantizedWeight
 from engine.state import MambaState, StateShape
 
 
@@ -41,6 +43,10 @@ class MambaLMHeadModel(nn.Module):
             self.lm_head.weight = self.backbone.embedding.weight
         self.fused_decode = FusedDecode()
         self.init_weights()
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .float(), .cpu(), ...: tensors may move
+        self.fused_decode.invalidate()
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -87,6 +93,10 @@ class MambaLMHeadModel(nn.Module):
         weight = self.lm_head.weight
         if weight.shape[0] != self.config.vocab_size:
             weight = weight[: self.config.vocab_size]
+        if not isinstance(weight, QuantizedWeight):  # a decode step's rows: the fused GEMV (torch's ran at half speed)
+            fused = cpu_fused.linear(hidden, weight, None, None)
+            if fused is not None:
+                return fused
         return F.linear(hidden, weight)
 
     def _final_norm(self, hidden: Tensor, residual: Tensor) -> Tensor:

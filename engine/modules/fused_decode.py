@@ -4,11 +4,11 @@ At batch 1 a small Mamba's step is ~25 eager ops per layer, each costing a
 few microseconds of dispatch for a few hundred FLOPs; one C call for every
 layer removes that overhead. The model keeps its ``nn.Linear`` modules (so
 engine/quant.py can swap them): the weights are read through the modules at
-every step, and the fused step runs only while every projection is a plain
-``nn.Linear`` holding float32 weights on the CPU. Anything else (quantized
-layers, bf16, CUDA, autograd, batches above ``max_batch``, batch 1 of large
-layers where eager is at the bandwidth limit) gets ``None`` and the caller
-runs the eager step.
+every step, and the fused step runs while every projection is a plain
+``nn.Linear`` holding float32 weights on the CPU or one of engine/quant.py's
+int8 / bf16 layers (all of one kind). Anything else (bf16/fp16 models, CUDA,
+autograd, batches above ``max_batch``) gets ``None`` and the caller runs the
+eager step.
 """
 
 from __future__ import annotations
@@ -21,45 +21,83 @@ from torch import Tensor, nn
 
 from engine.modules.block import RMSNorm
 from engine.ops import cpu_fused, kernels
+from engine.quant import QuantizedLinear
 
 # Batches up to this size take the fused step (it won at 8 and 32 in
 # loadtest/bench_kernels.py); larger ones were not measured and keep eager's
 # batched matmuls (MKL).
 DEFAULT_MAX_BATCH = int(os.environ.get("CRSM_FUSED_DECODE_MAX_BATCH", "32"))
-# A step runs on one thread at batch 1, and at larger batches below this
-# many multiply-adds per layer: each layer has four barriers, and on a
-# loaded machine a barrier waits for a descheduled thread. Measured on the
-# shared 2-core VM at load ~15-20 (interleaved, tok/s): 130M shape at b1,
-# eager 7.6-8.6, fused on 1 thread 8.5-10.4, fused on 2 threads 0.5-1.7;
-# the default shape at b1 ran ~5x slower on 2 threads than on 1 at load 11.
-PARALLEL_MIN_MACS = 2_000_000
+# A step runs on one thread below this many multiply-adds per layer, on
+# every engine thread above (the default shape has ~430k per layer at b1,
+# the 130M shape ~3.8M). On the quiet 2-core VM two threads beat one at both
+# shapes (default b1: 190 vs 321 us per step; 130M b1 float32: 36 vs 28
+# tok/s). On the same VM loaded to 11-20 by other jobs, two threads lost
+# badly at b1 (a barrier waits for a descheduled thread: 130M 0.5-1.7 tok/s
+# on 2 threads, 8.5-10.4 on 1): the server therefore gives its engine half
+# the cores the planner leaves (1 of 2 here) with OMP_WAIT_POLICY=PASSIVE,
+# and this threshold only keeps barriers off steps too small to split.
+PARALLEL_MIN_MACS = 100_000
 
 
-def _plain_linear(m: nn.Module) -> bool:
-    return type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.is_contiguous()
+def _projection(m: nn.Module) -> tuple[int, int, int | None] | None:
+    """(weight kind, weight pointer, scale pointer) of a plain float32 ``nn.Linear`` or an engine/quant.py
+    int8/bf16 layer; None for anything else (that layer's step runs eagerly)."""
+    if type(m) is nn.Linear:
+        w = m.weight
+        return (0, w.data_ptr(), None) if w.dtype == torch.float32 and w.is_contiguous() else None
+    weight = getattr(m, "weight", None)
+    data_q = getattr(weight, "data_q", None)
+    if isinstance(m, QuantizedLinear) and data_q is not None and data_q.is_contiguous():
+        kind = cpu_fused.WEIGHT_KINDS.get(data_q.dtype)
+        if kind == 1 and weight.scales is not None and weight.scales.is_contiguous():
+            return kind, data_q.data_ptr(), weight.scales.data_ptr()
+        if kind == 2:
+            return kind, data_q.data_ptr(), None
+    return None
 
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _layer_pointers(layer: nn.Module, norm_type: type) -> list[int | None] | None:
-    """The 13 pointers the C side expects for one block, or None if the block is not fused-eligible."""
+class _Registrations:
+    """Counts parameter, buffer and submodule assignments anywhere in the process (torch's global
+    registration hooks): the packed pointers stay valid while it is unchanged. Walking the modules to
+    check them cost ~50 us per step at the default shape (reading the pointers through torch ~95 us)."""
+
+    count = 0
+
+    @classmethod
+    def bump(cls, *_args) -> None:
+        cls.count += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_Registrations.bump)
+torch.nn.modules.module.register_module_buffer_registration_hook(_Registrations.bump)
+torch.nn.modules.module.register_module_module_registration_hook(_Registrations.bump)
+
+
+def _layer_pointers(layer: nn.Module, norm_type: type) -> tuple[int, list[int | None]] | None:
+    """(weight kind, the 17 pointers the C side expects for one block), or None if the block is not
+    fused-eligible (its projections must share one weight kind)."""
     mixer, norm = layer.mixer, layer.norm
-    if not all(_plain_linear(m) for m in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj)):
+    projections = [_projection(m) for m in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj)]
+    if any(p is None for p in projections) or len({p[0] for p in projections}) != 1:
         return None
+    (kind, in_w, in_s), (_, xp_w, xp_s), (_, dt_w, dt_s), (_, out_w, out_s) = projections
     if type(norm) is not norm_type or norm.weight.dtype != torch.float32:
         return None
     conv_w = mixer.conv1d.weight
     if conv_w.dtype != torch.float32 or not conv_w.is_contiguous():
         return None
-    return [
+    return kind, [
         _ptr(norm.weight), _ptr(getattr(norm, "bias", None)),
-        _ptr(mixer.in_proj.weight), _ptr(mixer.in_proj.bias),
+        in_w, _ptr(mixer.in_proj.bias),
         _ptr(conv_w), _ptr(mixer.conv1d.bias),
-        _ptr(mixer.x_proj.weight), _ptr(mixer.dt_proj.weight), _ptr(mixer.dt_proj.bias),
+        xp_w, dt_w, _ptr(mixer.dt_proj.bias),
         _ptr(mixer._A_for_decode()), _ptr(mixer.D),
-        _ptr(mixer.out_proj.weight), _ptr(mixer.out_proj.bias),
+        out_w, _ptr(mixer.out_proj.bias),
+        in_s, xp_s, dt_s, out_s,
     ]  # fmt: skip
 
 
@@ -70,6 +108,18 @@ class FusedDecode:
         self.max_batch = max_batch
         self._key: tuple | None = None
         self._array: ctypes.Array | None = None
+        self._kind = 0
+        self._packed_at = -1  # _Registrations.count when packed
+        self._held: list[Tensor] = []  # the A tensors packed: alive as long as their pointers are
+        self._tracked: list[Tensor] = []  # A_log parameters edited in place by training (not inference tensors)
+        self._tracked_versions: tuple = ()
+
+    def invalidate(self) -> None:
+        """Forget the packed pointers (the model's tensors moved: ``.to()``, ``.float()``; ``param.data = ..``
+        is not seen by anything else: call this after it)."""
+        self._key = self._array = None
+        self._packed_at = -1
+        self._held, self._tracked, self._tracked_versions = [], [], ()
 
     @staticmethod
     def layer_macs(b: int, cfg) -> int:
@@ -77,28 +127,50 @@ class FusedDecode:
         return b * (d * 2 * di + di * p + di * cfg.dt_rank_value + di * d)
 
     def threads_for(self, b: int, cfg) -> int:
-        return torch.get_num_threads() if b > 1 and self.layer_macs(b, cfg) >= PARALLEL_MIN_MACS else 1
+        return torch.get_num_threads() if self.layer_macs(b, cfg) >= PARALLEL_MIN_MACS else 1
 
     def wins(self, b: int, cfg) -> bool:
-        """Batch 1 of large layers stays eager: eager's 2-thread GEMVs are at the memory-bandwidth
-        limit there, and the 1-thread fused step measured 0.94x (0.69-1.63) on the 130M shape."""
-        return b <= self.max_batch and not (b == 1 and self.layer_macs(b, cfg) >= PARALLEL_MIN_MACS)
+        """Every batch up to ``max_batch``. Batch 1 of the 130M shape used to stay eager (eager's GEMVs then
+        matched the fused step on one thread); with the GEMVs prefetching the next rows the fused step on the
+        quiet 2-core VM ran 36 tok/s on 2 threads and 28 on 1 against eager's 22-23 (float32), 146-151 / 110
+        against 76-80 with int8 weights."""
+        return b <= self.max_batch
 
     def __getstate__(self) -> dict:  # pickled/deep-copied models: the pointer array is rebuilt on use
-        return {"max_batch": self.max_batch, "_key": None, "_array": None}
+        fresh = FusedDecode(self.max_batch)
+        return dict(fresh.__dict__)
 
     def _weights(self, model: nn.Module) -> ctypes.Array | None:
+        """The packed pointer array: reused while no module or parameter was assigned anywhere and no ``A_log``
+        was edited in place (its cached ``A`` is then recomputed); else read again from the modules."""
+        if self._packed_at == _Registrations.count and tuple(a._version for a in self._tracked) == self._tracked_versions:
+            return self._array  # None: this model is not fused-eligible (also remembered)
+        packed_at = _Registrations.count
+        self._array = array = self._pack(model)
+        self._packed_at = packed_at
+        self._tracked = [layer.mixer.A_log for layer in model.backbone.layers if not layer.mixer.A_log.is_inference()]
+        self._tracked_versions = tuple(a._version for a in self._tracked)
+        return array
+
+    def _pack(self, model: nn.Module) -> ctypes.Array | None:
         pointers: list[int | None] = []
+        kinds = set()
         norm_type = type(model.backbone.norm_f)
         for layer in model.backbone.layers:
-            p = _layer_pointers(layer, norm_type)
-            if p is None:
+            packed = _layer_pointers(layer, norm_type)
+            if packed is None:
+                self._key = None
                 return None
-            pointers.extend(p)
-        key = tuple(pointers)
-        if key != self._key:  # weights moved, swapped or rebuilt: repack
+            kinds.add(packed[0])
+            pointers.extend(packed[1])
+        if len(kinds) != 1:  # one weight kind per step
+            self._key = None
+            return None
+        key = (*kinds, *pointers)
+        if key != self._key:  # weights moved, swapped or rebuilt: a new array
             self._array = (ctypes.c_void_p * len(pointers))(*pointers)
-            self._key = key
+            self._key, self._kind = key, kinds.pop()
+            self._held = [layer.mixer._A_for_decode() for layer in model.backbone.layers]
         return self._array
 
     def hidden(self, model: nn.Module, embedded: Tensor, conv: Tensor, ssm: Tensor) -> Tensor | None:
@@ -126,7 +198,7 @@ class FusedDecode:
         hidden = embedded.contiguous().clone()
         out = torch.empty_like(hidden)
         rc = lib.crsm_decode_layers(
-            weights, norm_f.weight.data_ptr(), _ptr(getattr(norm_f, "bias", None)), cfg.n_layer, b, cfg.d_model,
+            weights, self._kind, norm_f.weight.data_ptr(), _ptr(getattr(norm_f, "bias", None)), cfg.n_layer, b, cfg.d_model,
             cfg.d_inner, cfg.d_state, cfg.dt_rank_value, cfg.d_conv, int(type(norm_f) is RMSNorm),
             float(norm_f.eps), hidden.data_ptr(), out.data_ptr(), conv.data_ptr(), conv.stride(0), ssm.data_ptr(),
             ssm.stride(0), self.threads_for(b, cfg),

@@ -41,7 +41,7 @@ SOURCE = Path(__file__).with_name("csrc") / "crsm_fused.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 ENV_SWITCH = "CRSM_KERNELS"
 ENV_CACHE = "CRSM_KERNEL_CACHE"
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_STATE = 64  # kMaxState in the source
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
@@ -125,8 +125,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.crsm_selective_scan.argtypes = [_ptr] * 9 + [_i64] * 4 + [_ptr, _int]
     lib.crsm_decode_layers.restype = _int
     lib.crsm_decode_layers.argtypes = (
-        [_ptr, _ptr, _ptr] + [_i64] * 7 + [_int, _f32] + [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _int]
+        [_ptr, _int, _ptr, _ptr] + [_i64] * 7 + [_int, _f32] + [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _int]
     )
+    lib.crsm_int8_vnni.restype = _int
+    lib.crsm_linear.restype = _int
+    lib.crsm_linear.argtypes = [_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
 
 
 def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
@@ -219,3 +222,54 @@ def selective_scan(
     if rc != 0:
         raise RuntimeError(f"crsm_selective_scan returned {rc}")
     return out, h
+
+
+def int8_activations() -> bool:
+    """True when the library's int8 GEMV quantizes activations per block of 64 (AVX512-VNNI), False when it
+    widens int8 weights against float32 activations (or the library is not loaded)."""
+    lib = library()
+    return bool(lib is not None and lib.crsm_int8_vnni())
+
+
+INT8_BLOCK = 64  # kQBlock in the source: activations quantized per block of this many columns
+
+# Weight kinds the C side reads (WeightKind in the source).
+WEIGHT_KINDS = {torch.float32: 0, torch.int8: 1, torch.bfloat16: 2}
+LINEAR_MAX_ROWS = 32  # decode-sized inputs; prefill's matmuls are oneDNN's/MKL's
+LINEAR_PARALLEL_MIN_MACS = 1_000_000  # below this a second thread costs more than it saves
+
+
+def linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor | None:
+    """``x @ weight.T * scale + bias`` for a few float32 rows with float32, int8 or bfloat16 weights; None where
+    the library cannot run it (the caller then uses its own path).
+
+    A decode step reads 1 (int8) or 2 (bf16) bytes per weight. bf16 weights are widened to float32 in
+    registers against float32 activations. int8 weights meet, where the CPU has AVX512-VNNI
+    (:func:`int8_activations`), activations quantized per block of ``INT8_BLOCK`` columns (scale max|x| / 127,
+    int32 sums, a K tail under the block in float32), else they are widened against float32 activations.
+    """
+    kind = WEIGHT_KINDS.get(weight.dtype)
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (kind is None or rows > LINEAR_MAX_ROWS or x.device.type != "cpu" or weight.device.type != "cpu"
+            or x.dtype != torch.float32 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or (kind == 1) != (scale is not None)):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    m, k = weight.shape
+    for t, n in ((scale, m), (bias, m)):
+        if t is not None and (t.dtype != torch.float32 or t.shape != (n,) or t.device.type != "cpu"):
+            return None
+    weight = weight.contiguous()
+    scale = None if scale is None else scale.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    x2 = x.reshape(rows, k).contiguous()
+    out = x2.new_empty(rows, m)
+    threads = torch.get_num_threads() if rows * m * k >= LINEAR_PARALLEL_MIN_MACS else 1
+    rc = lib.crsm_linear(kind, weight.data_ptr(), None if scale is None else scale.data_ptr(),
+                         None if bias is None else bias.data_ptr(), x2.data_ptr(), out.data_ptr(), rows, m, k, threads)
+    if rc != 0:
+        raise RuntimeError(f"crsm_linear returned {rc}")
+    return out.reshape(*x.shape[:-1], m)
