@@ -149,7 +149,9 @@ def summarise(samples: dict, limits: dict, cost: dict) -> dict:
         for side, rates in per_side.items():
             entry = {"tok_s": statistics.median(rates), "tok_s_range": [min(rates), max(rates)], "rounds": len(rates)}
             if side in cost:
-                bytes_tok, flops_tok = cost[side]
+                bytes_tok, flops_tok, prefill_flops_tok = cost[side]
+                if measure.startswith("prefill"):
+                    flops_tok = prefill_flops_tok  # logits at the last token only
                 if measure == "decode_b1":
                     entry["limit_tok_s"] = bandwidth / bytes_tok
                     entry["limit"] = "memory read bandwidth / weight bytes per token"
@@ -158,6 +160,12 @@ def summarise(samples: dict, limits: dict, cost: dict) -> dict:
                     entry["limit"] = "float32 matmul rate / FLOPs per token"
                 entry["fraction_of_limit"] = entry["tok_s"] / entry["limit_tok_s"]
             out[measure][side] = entry
+        for side in per_side:  # per-round ratios: the rounds interleave the sides, so round r met the same load
+            for peer in ("hf", "llama_f32", "llama_q8_0", "ours_none"):
+                if side.startswith("ours") and peer != side and peer in per_side:
+                    ratios = [a / b for a, b in zip(per_side[side], per_side[peer])]
+                    out[measure][side][f"vs_{peer}"] = {"median": statistics.median(ratios),
+                                                        "range": [min(ratios), max(ratios)]}
     return out
 
 
@@ -178,12 +186,12 @@ def run(args: argparse.Namespace) -> dict:
         folder = Path(tmp) / "hf"
         hf = build_hf(shape, folder)
         sides = load_sides(args, with_tokenizer(folder, Path(tmp) / "ours"), hf if args.hf else None)
-        cost = {name: (weight_bytes_per_token(m), machine_limits.flops_per_token(m))
-                for name, m in sides.items() if name != "hf"}
+        cost = {name: (weight_bytes_per_token(m), machine_limits.flops_per_token(m),
+                       machine_limits.flops_per_token(m, head=False)) for name, m in sides.items() if name != "hf"}
         ggufs = llama_peer.convert(tools, folder, Path(tmp)) if tools else {}
         gguf_bytes = {name: path.stat().st_size for name, path in ggufs.items()}
         for name, path in ggufs.items():  # tied head: the GGUF's bytes are what a decode step reads
-            cost[f"llama_{name}"] = (path.stat().st_size, cost["ours_none"][1] if "ours_none" in cost else 0.0)
+            cost[f"llama_{name}"] = (path.stat().st_size, *(cost["ours_none"][1:] if "ours_none" in cost else (0.0, 0.0)))
         cases = {k: v for k, v in torch_cases(sides, args, shape["vocab"]).items() if k in args.measures}
         for _, calls in cases.values():  # warm-up
             for fn in calls.values():
@@ -221,7 +229,8 @@ def run(args: argparse.Namespace) -> dict:
         "llama_cpp": {"present": tools is not None, "why_absent": why_no_llama or None,
                       "gguf_bytes": gguf_bytes},
         "shape": args.shape, "model": {**shape, "d_state": 16, "expand": 2, "d_conv": 4, "weights": "random, seed 0"},
-        "precision": precision, "cost_per_token": {k: {"weight_bytes": b, "flops": f} for k, (b, f) in cost.items()},
+        "precision": precision, "cost_per_token": {k: {"weight_bytes": b, "flops": f, "prefill_flops": pf}
+                                                    for k, (b, f, pf) in cost.items()},
         "decode_tokens": args.decode_tokens, "repeats": args.repeats, "allocator_tuned": args.tune_allocator,
         "checks": checks, "results": results,
     }
@@ -241,6 +250,13 @@ def format_table(report: dict) -> str:
             frac = f" ({e['fraction_of_limit']:.0%})" if "fraction_of_limit" in e else ""
             cells.append(f"{e['tok_s']:.0f} [{lo:.0f}-{hi:.0f}]{frac}")
         rows.append(f"| {measure} | " + " | ".join(cells) + " |")
+    for side in (s for s in sides if s.startswith("ours")):
+        for peer in ("hf", "llama_f32", "llama_q8_0", "ours_none"):
+            parts = [f"{m} {per[side][f'vs_{peer}']['median']:.2f} [{per[side][f'vs_{peer}']['range'][0]:.2f}-"
+                     f"{per[side][f'vs_{peer}']['range'][1]:.2f}]"
+                     for m, per in report["results"].items() if f"vs_{peer}" in per.get(side, {})]
+            if parts:
+                rows.append(f"{side} / {peer} per round: " + ", ".join(parts))
     lim = report["limits"]
     rows.append(f"limits: memory read {lim['memory_read_gbps']['range'][0]:.1f}-{lim['memory_read_gbps']['best']:.1f}"
                 f" GB/s, matmul {lim['matmul_gflops']['range'][0]:.0f}-{lim['matmul_gflops']['best']:.0f} GFLOP/s; "

@@ -43,13 +43,17 @@ def measure(repeats: int = 3) -> dict[str, list[float]]:
         return {"memory_read_gbps": memory_read_gbps(repeats=repeats), "matmul_gflops": matmul_gflops(repeats=repeats)}
 
 
-def flops_per_token(model) -> float:
-    """Forward FLOPs per token: 2 per linear weight, plus the scan's ~9 per (d_inner x d_state) element per layer."""
+def flops_per_token(model, head: bool = True) -> float:
+    """Forward FLOPs per token: 2 per linear weight, plus the scan's ~9 per (d_inner x d_state) element per layer.
+
+    ``head=False`` leaves the LM head out: a prefill computes logits at its last token only.
+    """
     cfg = model.config
     linear = 0
     for layer in model.backbone.layers:
         m = layer.mixer
         for lin in (m.in_proj, m.x_proj, m.dt_proj, m.out_proj):
             linear += lin.in_features * lin.out_features
-    linear += cfg.d_model * cfg.vocab_size
+    if head:
+        linear += cfg.d_model * cfg.vocab_size
     return 2.0 * linear + 9.0 * cfg.n_layer * cfg.d_inner * cfg.d_state
