@@ -23,12 +23,13 @@ def bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def activation_steps(x: torch.Tensor) -> torch.Tensor:
-    """Per column, the step the int8 decode kernel rounds x to: max|x| / 127 over its block of 64 columns
-    (zero in the tail under a whole block, which runs in float32)."""
+    """Per column, the step the int8 decode kernel rounds x to: max|x| / 32767 over its block of 64 columns
+    (int16 activations; zero in the tail under a whole block, which runs in float32)."""
     k = x.shape[1] - x.shape[1] % cpu_fused.INT8_BLOCK
     steps = torch.zeros_like(x)
     if k:
-        blocks = x[:, :k].abs().reshape(x.shape[0], -1, cpu_fused.INT8_BLOCK).amax(-1, keepdim=True) / 127
+        blocks = (x[:, :k].abs().reshape(x.shape[0], -1, cpu_fused.INT8_BLOCK).amax(-1, keepdim=True)
+                  / cpu_fused.INT8_ACTIVATION_MAX)
         steps[:, :k] = blocks.expand(-1, -1, cpu_fused.INT8_BLOCK).reshape(x.shape[0], k)
     return steps
 
@@ -37,7 +38,7 @@ def activation_steps(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("rows", [1, 3, 32, 33])
 def test_int8_linear_within_half_a_step_per_weight(shape, rows):
     """|y_q - y| <= sum_k |x_k| * scale_j / 2 (each weight rounds to its nearest step), plus the activation's
-    rounding: to int8 per block of 64 in the decode kernel (half its step per column, times |w| and the
+    rounding: to int16 per block of 64 in the decode kernel (half its step per column, times |w| and the
     weight's half step), to bf16 elsewhere (2^-9 relative; 2^-7 of the error scale allowed, which also covers
     float32 summation)."""
     torch.manual_seed(0)
@@ -54,15 +55,16 @@ def test_int8_linear_within_half_a_step_per_weight(shape, rows):
 @pytest.mark.parametrize("k", [64, 768, 100])
 def test_int8_decode_kernel_is_the_block_quantized_arithmetic(k):
     """The VNNI kernel computes scale_j * (sum over blocks of s_b * sum q_x q_w + tail in float32), with q_x =
-    round(x / s_b), s_b = max|x| / 127 per block of 64: a float64 rendering of that agrees to float32
-    rounding, so no error beyond the documented quantization hides in the kernel."""
+    round(x / s_b), s_b = max|x| / 32767 per block of 64 (int16 activations): a float64 rendering of that
+    agrees to float32 rounding, so no error beyond the documented quantization hides in the kernel."""
     torch.manual_seed(k)
     w, x = torch.randn(40, k), torch.randn(3, k) * torch.logspace(-2, 1, k)  # blocks of very different scales
     q = quantize_weight(w, "int8")
     n = k - k % cpu_fused.INT8_BLOCK
     amax = x[:, :n].abs().reshape(3, -1, cpu_fused.INT8_BLOCK).amax(-1, keepdim=True)  # float32, as the kernel
-    qx = torch.round(x[:, :n].reshape(3, -1, cpu_fused.INT8_BLOCK) * (127 / amax))
-    xq = torch.cat([(qx.double() * (amax / 127).double()).reshape(3, n), x[:, n:].double()], 1)
+    qx = torch.round(x[:, :n].reshape(3, -1, cpu_fused.INT8_BLOCK) * (cpu_fused.INT8_ACTIVATION_MAX / amax))
+    xq = torch.cat([(qx.double() * (amax / cpu_fused.INT8_ACTIVATION_MAX).double()).reshape(3, n),
+                    x[:, n:].double()], 1)
     expected = (xq @ q.data_q.double().T) * q.scales.double()
     magnitude = (xq.abs() @ q.data_q.double().abs().T) * q.scales.double()
     got = cpu_fused.linear(x, q.data_q, q.scales, None)

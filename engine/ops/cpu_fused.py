@@ -225,13 +225,14 @@ def selective_scan(
 
 
 def int8_activations() -> bool:
-    """True when the library's int8 GEMV quantizes activations per block of 64 (AVX512-VNNI), False when it
-    widens int8 weights against float32 activations (or the library is not loaded)."""
+    """True when the library's int8 GEMV quantizes activations to int16 per block of 64 (AVX512-VNNI), False
+    when it widens int8 weights against float32 activations (or the library is not loaded)."""
     lib = library()
     return bool(lib is not None and lib.crsm_int8_vnni())
 
 
 INT8_BLOCK = 64  # kQBlock in the source: activations quantized per block of this many columns
+INT8_ACTIVATION_MAX = 32767  # ... to int16: q = round(x * 32767 / max|x| of the block)
 
 # Weight kinds the C side reads (WeightKind in the source).
 WEIGHT_KINDS = {torch.float32: 0, torch.int8: 1, torch.bfloat16: 2}
@@ -245,8 +246,9 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None)
 
     A decode step reads 1 (int8) or 2 (bf16) bytes per weight. bf16 weights are widened to float32 in
     registers against float32 activations. int8 weights meet, where the CPU has AVX512-VNNI
-    (:func:`int8_activations`), activations quantized per block of ``INT8_BLOCK`` columns (scale max|x| / 127,
-    int32 sums, a K tail under the block in float32), else they are widened against float32 activations.
+    (:func:`int8_activations`), activations quantized to int16 per block of ``INT8_BLOCK`` columns (scale
+    max|x| / 32767, int32 sums, a K tail under the block in float32), else they are widened against float32
+    activations.
     """
     kind = WEIGHT_KINDS.get(weight.dtype)
     rows = x.numel() // max(x.shape[-1], 1)
