@@ -6,16 +6,21 @@ per weight. :func:`quantize_model` swaps the model's ``nn.Linear`` modules
 (``in_proj``, ``x_proj``, ``dt_proj``, ``out_proj`` of every layer and
 ``lm_head``) in place for :class:`QuantizedLinear`:
 
-- ``int8``: symmetric per-output-channel int8 weights, ``w ~= q * scale[row]``,
-  run by ``torch.ops.aten._weight_int8pack_mm`` (torch's CPU weight-only int8
-  matmul, the one gpt-fast uses) for decode-sized inputs: 1 byte per weight
-  read, widened in registers, float32 sums;
-- ``bf16``: bfloat16 weights, oneDNN's bf16 matmul (AVX512-BF16 where the
-  CPU has it): 2 bytes per weight read.
+- ``int8``: symmetric per-output-channel int8 weights, ``w ~= q * scale[row]``:
+  1 byte per weight read;
+- ``bf16``: bfloat16 weights: 2 bytes per weight read.
 
-In both the activation is rounded to bfloat16 on its way into the matmul and
-the matmul's output is bfloat16 (8 significant bits), widened back to float32
-at once.
+Decode (up to ``cpu_fused.LINEAR_MAX_ROWS`` rows: the fused decode step and
+the LM head) runs the fused CPU library's GEMV (engine/ops/csrc): bf16
+weights are widened to float32 in registers against float32 activations;
+int8 weights meet activations quantized to int16 per block of 64 columns
+(AVX512-VNNI's ``vpdpwssd``; where the CPU lacks VNNI they are widened
+against float32 activations). Prefill-sized inputs, and every input when the
+library is not built (no compiler, ``CRSM_KERNELS=eager``), take torch's
+kernels: ``aten._weight_int8pack_mm`` (gpt-fast's CPU int8 kernel) for up to
+16 rows, else oneDNN's bf16 matmul over bf16-widened weights; there the
+activation is rounded to bfloat16 on its way in and the output is bfloat16,
+widened back to float32 at once.
 
 Everything else stays as loaded (float32 by default): the embedding lookup
 (a tied ``lm_head`` gets its own quantized copy, the embedding table stays

@@ -107,6 +107,52 @@ def test_scan_under_autograd_stays_eager(monkeypatch):
     assert x.grad is not None
 
 
+@needs_cxx
+@pytest.mark.parametrize("L", [1, 3, 17, 70])
+@pytest.mark.parametrize("D,K", [(40, 4), (32, 2), (5, 3)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_prefill_conv_matches_eager(monkeypatch, L, D, K, with_state):
+    """The fused causal conv (one pass, window in registers) against the eager shifted multiply-adds, from a
+    carried state or zeros, on the strided x the mixer's chunk gives; the new state from padded rows too."""
+    g = torch.Generator().manual_seed(L * D + K)
+    xz = torch.randn(3, L, 2 * D, generator=g)
+    x = xz[..., :D]
+    weight, bias = torch.randn(D, K, generator=g), torch.randn(D, generator=g)
+    state = torch.randn(3, D, K, generator=g) if with_state else None
+    lengths = torch.tensor([L, max(L - 1, 0), min(L, 2)])
+    (out_f, new_f), (out_e, new_e) = both_paths(monkeypatch, lambda: ops.conv(x, weight, bias, state, lengths))
+    torch.testing.assert_close(out_f, out_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new_f, new_e, atol=0, rtol=0)
+
+
+def test_next_state_is_last_window_without_the_window():
+    from engine.ops.causal_conv1d import last_window, next_state, time_window
+
+    g = torch.Generator().manual_seed(3)
+    for L in (0, 1, 2, 3, 4, 9):
+        x = torch.randn(4, L, 6, generator=g)
+        for state in (None, torch.randn(4, 6, 4, generator=g)):
+            lengths = torch.tensor([L, max(L - 1, 0), min(L, 1), 0])
+            for lens in (None, lengths):
+                expected = last_window(time_window(x, state, 4), lens, 4)
+                assert torch.equal(next_state(x, state, lens, 4), expected), (L, state is None, lens)
+
+
+@needs_cxx
+def test_scan_applies_softplus_and_padding_itself(monkeypatch):
+    """dt before its softplus plus lengths, into the fused scan, equals softplus and masking done first."""
+    set_mode(monkeypatch, "fused")
+    x, _, A, B, C, Dskip, z, h0 = scan_inputs(3, 40, 48, 16, seed=4, with_state=True)
+    raw = torch.randn(3, 40, 48, generator=torch.Generator().manual_seed(5)) * 3
+    lengths = torch.tensor([40, 23, 1])
+    out_f, h_f = ops.ssm_scan(x, raw, A, B, C, Dskip, z, h0, dt_softplus=True, lengths=lengths)
+    valid = (torch.arange(40) < lengths.unsqueeze(1)).unsqueeze(-1)
+    set_mode(monkeypatch, "eager")
+    out_e, h_e = ops.ssm_scan(x, torch.nn.functional.softplus(raw) * valid, A, B, C, Dskip, z, h0)
+    torch.testing.assert_close(out_f, out_e, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(h_f, h_e, atol=1e-4, rtol=1e-4)
+
+
 # Whole model: prefill and decode ---------------------------------------------------
 def session(model, ids, lengths, split, steps, state_rows=None):
     """Prefill in two parts (the second from a state, right-padded), then ``steps`` greedy decode steps.

@@ -52,10 +52,11 @@ class MambaMixer(nn.Module):
         ).clamp(min=cfg.dt_init_floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """dt (after softplus), B, C from the conv output x (..., d_inner)."""
+    def _ssm_inputs(self, x: Tensor, softplus: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """dt (after softplus, or before it with ``softplus=False``), B, C from the conv output x (..., d_inner)."""
         dt, B, C = torch.split(F.linear(x, self.x_proj.weight), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).float()), B, C
+        dt = F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).float()
+        return (F.softplus(dt) if softplus else dt), B, C
 
     def forward(
         self,
@@ -69,16 +70,12 @@ class MambaMixer(nn.Module):
         ``lengths`` marks right padding: steps past a row's length leave its
         state untouched, so the returned states are those after its last token.
         """
-        b, L, _ = hidden.shape
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         conv_w = self.conv1d.weight.squeeze(1)
         x, new_conv = ops.conv(x, conv_w, self.conv1d.bias, conv_state, lengths)
-        dt, B, C = self._ssm_inputs(x)
-        if lengths is not None:
-            valid = torch.arange(L, device=hidden.device) < lengths.to(hidden.device).unsqueeze(1)
-            dt = dt * valid.unsqueeze(-1)
+        dt, B, C = self._ssm_inputs(x, softplus=False)  # the scan applies softplus and the padding
         A = -torch.exp(self.A_log.float())
-        y, new_ssm = ops.ssm_scan(x, dt, A, B, C, self.D, z, ssm_state)
+        y, new_ssm = ops.ssm_scan(x, dt, A, B, C, self.D, z, ssm_state, dt_softplus=True, lengths=lengths)
         return self.out_proj(y.to(hidden.dtype)), new_conv, new_ssm
 
     def _A_for_decode(self) -> Tensor:

@@ -12,19 +12,39 @@ from torch import Tensor
 
 from engine.ops import cpu_fused, kernels
 from engine.ops.causal_conv1d import causal_conv1d as _causal_conv1d_pure
-from engine.ops.causal_conv1d import causal_conv1d_step, last_window, time_window
+from engine.ops.causal_conv1d import causal_conv1d_step, last_window, next_state, time_window
 from engine.ops.selective_scan import LOG2E, initial_state_contribution, selective_state_step
 from engine.ops.selective_scan import selective_scan as _selective_scan_pure
 
 
 def ssm_scan(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, h0: Tensor | None
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor,
+    z: Tensor,
+    h0: Tensor | None,
+    dt_softplus: bool = False,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``out = (scan(x) + D * x) * silu(z)`` over (b, L, ·) inputs; returns (out, last state).
 
-    dt is final (softplus applied, zero on padding). mamba-ssm's kernel only
-    scans from a zero state, so a start state is added by linearity.
+    dt is final (softplus applied, zero on padding), or, with ``dt_softplus``,
+    before its softplus and padding past each row's ``lengths`` (the fused CPU
+    scan does both in its one pass). mamba-ssm's kernel only scans from a
+    zero state, so a start state is added by linearity.
     """
+    if dt_softplus and not kernels.ssm_kernels_for(x):
+        fused = cpu_fused.selective_scan(x, dt, A * LOG2E, B, C, D, z, h0, dt_softplus=True, lengths=lengths)
+        if fused is not None:
+            return fused[0].to(x.dtype), fused[1]
+    if dt_softplus:
+        dt = F.softplus(dt)
+        if lengths is not None:
+            valid = torch.arange(dt.shape[1], device=dt.device) < lengths.to(dt.device).unsqueeze(1)
+            dt = dt * valid.unsqueeze(-1)
     if kernels.ssm_kernels_for(x):
         out, h_last = kernels.selective_scan_fn(
             x.transpose(1, 2).contiguous(),
@@ -70,6 +90,9 @@ def conv(
         window = time_window(x, conv_state, K)  # (b, K + L, D)
         out = kernels.causal_conv1d_fn(window[:, 1:].transpose(1, 2).contiguous(), weight, bias, activation="silu")
         return out[..., K - 1 :].transpose(1, 2), last_window(window, lengths, K)
+    fused = cpu_fused.causal_conv(x, weight, bias, conv_state)
+    if fused is not None:
+        return fused, next_state(x, conv_state, lengths, weight.shape[-1])
     return _causal_conv1d_pure(x, weight, bias, conv_state, lengths)
 
 

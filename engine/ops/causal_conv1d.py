@@ -59,6 +59,22 @@ def last_window(window: Tensor, lengths: Tensor | None, K: int) -> Tensor:
     return torch.gather(window, 1, idx.expand(-1, -1, window.shape[2])).transpose(1, 2).contiguous()
 
 
+def next_state(x: Tensor, conv_state: Tensor | None, lengths: Tensor | None, K: int) -> Tensor:
+    """``last_window`` without building the (b, K + L, D) window: the K inputs ending at each row's length,
+    taken from x or, for a row shorter than K, partly from the carried state (zeros if None); (b, D, K)."""
+    b, L, D = x.shape
+    ends = torch.full((b,), L, device=x.device) if lengths is None else lengths.to(x.device)
+    pos = ends.view(-1, 1) - K + torch.arange(K, device=x.device).view(1, K)  # (b, K) positions in x
+    from_x = torch.gather(x, 1, pos.clamp(0, max(L - 1, 0)).unsqueeze(-1).expand(-1, -1, D)) if L else None
+    if conv_state is None:
+        carried = x.new_zeros(b, K, D)
+    else:
+        carried = torch.gather(conv_state.transpose(1, 2).to(x.dtype), 1,
+                               (pos + K).clamp(0, K - 1).unsqueeze(-1).expand(-1, -1, D))
+    window = carried if from_x is None else torch.where((pos >= 0).unsqueeze(-1), from_x, carried)
+    return window.transpose(1, 2).contiguous()
+
+
 def causal_conv1d_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """One decode step: shift ``conv_state`` (b, D, K) in place, return silu(conv) (b, D)."""
     window = torch.cat([conv_state[..., 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)

@@ -41,8 +41,9 @@ SOURCE = Path(__file__).with_name("csrc") / "crsm_fused.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 ENV_SWITCH = "CRSM_KERNELS"
 ENV_CACHE = "CRSM_KERNEL_CACHE"
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_STATE = 64  # kMaxState in the source
+MAX_CONV = 8  # kMaxConv in the source
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 
@@ -122,7 +123,9 @@ def build(cxx: str, target: Path) -> float:
 def _declare(lib: ctypes.CDLL) -> None:
     lib.crsm_abi_version.restype = _int
     lib.crsm_selective_scan.restype = _int
-    lib.crsm_selective_scan.argtypes = [_ptr] * 9 + [_i64] * 4 + [_ptr, _int]
+    lib.crsm_selective_scan.argtypes = [_ptr] * 9 + [_i64] * 4 + [_ptr, _int, _ptr, _int]
+    lib.crsm_causal_conv.restype = _int
+    lib.crsm_causal_conv.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr] + [_i64] * 4 + [_int]
     lib.crsm_decode_layers.restype = _int
     lib.crsm_decode_layers.argtypes = (
         [_ptr, _int, _ptr, _ptr] + [_i64] * 7 + [_int, _f32] + [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _int]
@@ -193,11 +196,13 @@ def _unit_last(t: Tensor) -> Tensor:
 
 
 def selective_scan(
-    x: Tensor, dt: Tensor, A2: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, h0: Tensor | None
+    x: Tensor, dt: Tensor, A2: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, h0: Tensor | None,
+    dt_softplus: bool = False, lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """Fused ``(scan(x) + D * x) * silu(z)`` over (b, L, ·); (out, last state), or None where it cannot run.
 
-    ``A2 = A * log2(e)`` (D, N); dt final (softplus applied, zero on padding).
+    ``A2 = A * log2(e)`` (D, N). ``dt`` final (softplus applied, zero on padding), or with ``dt_softplus``
+    before its softplus, the kernel then applying it and zeroing steps at or past each row's ``lengths``.
     """
     b, L, Dm = x.shape
     N = A2.shape[1]
@@ -214,14 +219,43 @@ def selective_scan(
     out = x.new_empty(b, L, Dm)
     if L == 0:
         return out, h
+    lens = None if lengths is None else lengths.to(device="cpu", dtype=torch.int64).contiguous()
     strides = (_i64 * 8)(x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), z.stride(0), z.stride(1),
                          B.stride(0), B.stride(1))
     rc = lib.crsm_selective_scan(x.data_ptr(), dt.data_ptr(), z.data_ptr(), B.data_ptr(), C.data_ptr(),
                                  A2.data_ptr(), D.data_ptr(), h.data_ptr(), out.data_ptr(), b, L, Dm, N, strides,
-                                 torch.get_num_threads())
+                                 int(dt_softplus), None if lens is None else lens.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"crsm_selective_scan returned {rc}")
     return out, h
+
+
+def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None) -> Tensor | None:
+    """silu(causal depthwise conv) over x (b, L, D) from ``conv_state`` (b, D, K) or zeros, in one pass; the
+    output (b, L, D), or None where the library cannot run it (the caller's eager path then does)."""
+    b, L, Dm = x.shape
+    K = weight.shape[-1]
+    tensors = [t for t in (x, weight, bias, conv_state) if t is not None]
+    if K > MAX_CONV or weight.shape != (Dm, K) or not usable(*tensors):
+        return None
+    if bias is not None and bias.shape != (Dm,) or conv_state is not None and conv_state.shape != (b, Dm, K):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    x = _unit_last(x)
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    state = None if conv_state is None else conv_state.contiguous()
+    out = x.new_empty(b, L, Dm)
+    if L == 0:
+        return out
+    rc = lib.crsm_causal_conv(x.data_ptr(), x.stride(0), x.stride(1), None if state is None else state.data_ptr(),
+                              weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), b, L, Dm,
+                              K, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"crsm_causal_conv returned {rc}")
+    return out
 
 
 def int8_activations() -> bool:

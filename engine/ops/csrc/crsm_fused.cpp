@@ -86,6 +86,23 @@ inline vf16 exp2_vec(vf16 x) {
 
 inline vf16 silu_vec(vf16 v) { return v / (1.0f + exp2_vec(-v * kLog2e)); }
 
+// softplus on 16 lanes: max(v, 0) + log1p(exp(-|v|)), log1p(e) = 2 atanh(e / (2 + e)) as a series (see
+// softplus below).
+inline vf16 softplus_vec(vf16 v) {
+  const vf16 a = v < 0.f ? -v : v;
+  const vf16 e = exp2_vec(-a * kLog2e);
+  const vf16 s = e / (2.0f + e), s2 = s * s;
+  vf16 p = vf16{} + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  const vf16 zero = vf16{};
+  return (v > zero ? v : zero) + 2.0f * s * p;
+}
+
 inline vf16 load16(const float* p) {
   vf16 v;
   std::memcpy(&v, p, sizeof(v));
@@ -118,6 +135,8 @@ struct ScanArgs {
   float *h, *out;
   int64_t L, D, N;
   int64_t sx_b, sx_t, sdt_b, sdt_t, sz_b, sz_t, sbc_b, sbc_t;  // strides (elements) of batch and time
+  int dt_softplus;         // dt arrives before its softplus (prefill: one pass instead of two)
+  const int64_t* lengths;  // per row; steps at or past a row's length get dt = 0 (padding), or null
 };
 
 // Channels [d0, d0 + W) of batch row bi over all L steps.
@@ -138,12 +157,13 @@ void scan_block(const ScanArgs& a, int64_t bi, int64_t d0) {
   const float* Bb = a.B + bi * a.sbc_b;
   const float* Cb = a.C + bi * a.sbc_b;
   float* ob = a.out + bi * a.L * D + d0;
+  const int64_t len = a.lengths ? a.lengths[bi] : a.L;
   for (int64_t t = 0; t < a.L; ++t) {
     const float *xt = xb + t * a.sx_t, *dtt = dtb + t * a.sdt_t, *zt = zb + t * a.sz_t;
     const float *Bt = Bb + t * a.sbc_t, *Ct = Cb + t * a.sbc_t;
     float dtv[W], dtx[W], y[W];
     for (int j = 0; j < W; ++j) {
-      dtv[j] = dtt[j];
+      dtv[j] = t >= len ? 0.f : (a.dt_softplus ? softplus(dtt[j]) : dtt[j]);
       dtx[j] = dtv[j] * xt[j];
       y[j] = 0.f;
     }
@@ -183,8 +203,14 @@ void scan_block16(const ScanArgs& a, int64_t bi, int64_t d0) {
   const float* Bb = a.B + bi * a.sbc_b;
   const float* Cb = a.C + bi * a.sbc_b;
   float* ob = a.out + bi * a.L * D + d0;
+  const int64_t len = a.lengths ? a.lengths[bi] : a.L;
   for (int64_t t = 0; t < a.L; ++t) {
-    const vf16 xv = load16(xb + t * a.sx_t), dtv = load16(dtb + t * a.sdt_t), dtx = dtv * xv;
+    vf16 dtv = load16(dtb + t * a.sdt_t);
+    if (t >= len)
+      dtv = vf16{};
+    else if (a.dt_softplus)
+      dtv = softplus_vec(dtv);
+    const vf16 xv = load16(xb + t * a.sx_t), dtx = dtv * xv;
     const float *Bt = Bb + t * a.sbc_t, *Ct = Cb + t * a.sbc_t;
     vf16 y = vf16{};
     for (int64_t n = 0; n < N; ++n) {
@@ -196,6 +222,47 @@ void scan_block16(const ScanArgs& a, int64_t bi, int64_t d0) {
   }
   for (int64_t n = 0; n < N; ++n)
     for (int j = 0; j < kLanes; ++j) hrow[(d0 + j) * N + n] = hl[n][j];
+}
+
+// --- Prefill causal conv ----------------------------------------------------
+
+constexpr int kMaxConv = 8;  // d_conv bound for the register window
+
+// silu(causal depthwise conv) for channels [d0, d0 + 16) of row bi: the
+// window of the last K - 1 inputs stays in registers, one pass over L
+// (eager: a copy into a (K + L) window, K multiply-adds, a bias add and a
+// silu, each a pass over b x L x D).
+void conv_block16(const float* x, int64_t sx_b, int64_t sx_t, const float* state, const float* w, const float* bias,
+                  float* out, int64_t bi, int64_t d0, int64_t L, int64_t D, int64_t K) {
+  vf16 win[kMaxConv], wk[kMaxConv];
+  for (int64_t k = 0; k < K; ++k)
+    for (int j = 0; j < kLanes; ++j) {
+      wk[k][j] = w[(d0 + j) * K + k];
+      win[k][j] = state ? state[(bi * D + d0 + j) * K + k] : 0.f;  // win[K - 1] is overwritten by x[t]
+    }
+  const vf16 bv = bias ? load16(bias + d0) : vf16{};
+  const float* xb = x + bi * sx_b + d0;
+  float* ob = out + bi * L * D + d0;
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t k = 0; k + 1 < K; ++k) win[k] = win[k + 1];
+    win[K - 1] = load16(xb + t * sx_t);
+    vf16 acc = bv;
+    for (int64_t k = 0; k < K; ++k) acc += wk[k] * win[k];
+    store16(ob + t * D, silu_vec(acc));
+  }
+}
+
+void conv_channel(const float* x, int64_t sx_b, int64_t sx_t, const float* state, const float* w, const float* bias,
+                  float* out, int64_t bi, int64_t d, int64_t L, int64_t D, int64_t K) {
+  float win[kMaxConv];
+  for (int64_t k = 0; k < K; ++k) win[k] = state ? state[(bi * D + d) * K + k] : 0.f;
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t k = 0; k + 1 < K; ++k) win[k] = win[k + 1];
+    win[K - 1] = x[bi * sx_b + t * sx_t + d];
+    float acc = bias ? bias[d] : 0.f;
+    for (int64_t k = 0; k < K; ++k) acc += w[d * K + k] * win[k];
+    out[(bi * L + t) * D + d] = silu(acc);
+  }
 }
 
 // --- Decode step ---------------------------------------------------------------
@@ -619,7 +686,7 @@ void ssm_update(const Dims& d, const float* const* w, const WeightRef& dt_w, con
 
 extern "C" {
 
-int crsm_abi_version() { return 2; }
+int crsm_abi_version() { return 3; }
 
 // 1 when int8 weights meet int16-quantized activations (AVX512-VNNI), 0
 // when they are widened to float32 against float32 activations.
@@ -645,13 +712,15 @@ int crsm_linear(int kind, const void* W, const float* scale, const float* bias, 
 
 // Fused selective scan (see ScanArgs). x, dt, z: (b, L, D) with unit channel
 // stride; B, C: (b, L, N) likewise; A2 = A * log2(e): (D, N); h: (b, D, N)
-// start state, advanced in place; out: (b, L, D) contiguous.
+// start state, advanced in place; out: (b, L, D) contiguous; dt before its
+// softplus when dt_softplus; lengths (b,) or null.
 int crsm_selective_scan(const float* x, const float* dt, const float* z, const float* B, const float* C,
                         const float* A2, const float* Dskip, float* h, float* out, int64_t b, int64_t L, int64_t D,
-                        int64_t N, const int64_t* strides, int n_threads) {
+                        int64_t N, const int64_t* strides, int dt_softplus, const int64_t* lengths, int n_threads) {
   if (N > kMaxState) return 1;
   ScanArgs a{x, dt, z, B, C, A2, Dskip, h, out, L, D, N,
-             strides[0], strides[1], strides[2], strides[3], strides[4], strides[5], strides[6], strides[7]};
+             strides[0], strides[1], strides[2], strides[3], strides[4], strides[5], strides[6], strides[7],
+             dt_softplus, lengths};
   const int64_t full = D / kLanes, tail = D - full * kLanes;
   const int64_t per_row = full + tail;  // full blocks, then single channels
 #pragma omp parallel for schedule(static) num_threads(n_threads)
@@ -661,6 +730,24 @@ int crsm_selective_scan(const float* x, const float* dt, const float* z, const f
       scan_block16(a, bi, j * kLanes);
     else
       scan_block<1>(a, bi, full * kLanes + (j - full));
+  }
+  return 0;
+}
+
+// silu(causal depthwise conv) over x (b, L, D) (unit channel stride, strides
+// sx_b, sx_t) continuing state (b, D, K) contiguous or null (zeros); w (D, K);
+// bias (D,) or null; out (b, L, D) contiguous. The new state is the caller's.
+int crsm_causal_conv(const float* x, int64_t sx_b, int64_t sx_t, const float* state, const float* w,
+                     const float* bias, float* out, int64_t b, int64_t L, int64_t D, int64_t K, int n_threads) {
+  if (K < 1 || K > kMaxConv) return 1;
+  const int64_t full = D / kLanes, per_row = full + (D - full * kLanes);
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+  for (int64_t i = 0; i < b * per_row; ++i) {
+    const int64_t bi = i / per_row, j = i % per_row;
+    if (j < full)
+      conv_block16(x, sx_b, sx_t, state, w, bias, out, bi, j * kLanes, L, D, K);
+    else
+      conv_channel(x, sx_b, sx_t, state, w, bias, out, bi, full * kLanes + (j - full), L, D, K);
   }
   return 0;
 }
