@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: serve test reliability loadtool bench bench-planner bench-kernels bench-contention bench-resume bench-replicas loadtest train eval dashboard docker docker-cuda docker-test compose venv clean
+.PHONY: serve test reliability loadtool bench bench-130m bench-planner bench-kernels bench-contention bench-resume bench-replicas loadtest train eval dashboard docker docker-cuda docker-test compose venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ loadtool: $(LOADTOOL)/bin/aiperf
 
 bench: $(STAMP)
 	$(PY) -m loadtest.bench_engine --out loadtest/results/bench_engine.json
+
+bench-130m: $(STAMP)
+	$(PY) -m loadtest.bench_engine --shape 130m --repeats 3 --decode-tokens 32 --out loadtest/results/bench_engine_130m.json
 
 bench-planner: $(STAMP)
 	$(PY) -m loadtest.bench_planner --out loadtest/results/bench_planner.json
