@@ -56,10 +56,12 @@ def refusal(what: str) -> APIError:
                     headers=dict(CHALLENGE))
 
 
-def owner_of(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str | None:
+async def owner_of(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str | None:
     """The caller's identity (a hash of its key); None when the server has no keys; 401 without a valid key.
 
     (``_bearer`` documents the scheme in ``/openapi.json``; the header is read strictly by :func:`presented_key`.)
+    Async, as every dependency here: FastAPI runs a plain ``def`` dependency on its thread pool, a hand-off to a
+    worker thread and back for each request.
     """
     keys = request.app.state.serving.config.api_keys
     if not keys:
@@ -73,14 +75,14 @@ def owner_of(request: Request, _: Annotated[HTTPAuthorizationCredentials | None,
 Owner = Annotated[str | None, Depends(owner_of)]
 
 
-def metrics_access(request: Request) -> None:
+async def metrics_access(request: Request) -> None:
     """``/metrics``: open, or with ``--metrics-api-key`` that key as a bearer token."""
     key = request.app.state.serving.config.metrics_api_key
     if key and not key_matches(presented_key(request), (key,)):
         raise refusal("metrics API key")
 
 
-def docs_access(request: Request) -> None:
+async def docs_access(request: Request) -> None:
     """``/openapi.json``, ``/docs``, ``/redoc``: open, or with API keys one of them."""
     keys = request.app.state.serving.config.api_keys
     if keys and not key_matches(presented_key(request), keys):

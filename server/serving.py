@@ -74,8 +74,8 @@ class Generation:
     tokens_as_ids: bool  # logprob tokens read ``token_id:N`` (return_tokens_as_token_ids), not their text
 
 
-def serving(request: Request) -> Serving:
-    """Dependency: the app's serving object."""
+async def serving(request: Request) -> Serving:
+    """Dependency: the app's serving object (async: a plain ``def`` dependency would run on the thread pool)."""
     return request.app.state.serving
 
 

@@ -66,6 +66,21 @@ def _ping() -> ServerSentEvent:
     return ServerSentEvent(comment="ping", sep="\n")
 
 
+class _EventStream(EventSourceResponse):
+    """``EventSourceResponse`` writing each frame straight to ``send`` when there is no per-write timeout.
+
+    The library wraps every write in ``anyio.move_on_after(send_timeout)``: with no timeout (ours) that scope can
+    never be cancelled, yet entering and leaving it costs each token a cancel scope, a task lookup and an async
+    library sniff on the event loop, which shares the GIL with the engine's step. Pings, disconnects, the
+    cooperative shutdown and the clean-up on a failed write are still the library's."""
+
+    async def _send_with_timeout(self, send, message) -> None:
+        if self.send_timeout is None:
+            await send(message)
+        else:
+            await super()._send_with_timeout(send, message)
+
+
 def event_stream(serving: Serving, gen: Generation, body: AsyncIterator[bytes]) -> EventSourceResponse:
     shutdown = anyio.Event()
 
@@ -75,7 +90,7 @@ def event_stream(serving: Serving, gen: Generation, body: AsyncIterator[bytes]) 
         await shutdown.wait()
         gen.handle.cancel()
 
-    return EventSourceResponse(_released(serving, gen, body), headers=HEADERS, sep="\n",
+    return _EventStream(_released(serving, gen, body), headers=HEADERS, sep="\n",
                                ping=serving.config.sse_ping_seconds, ping_message_factory=_ping,
                                shutdown_event=shutdown, shutdown_grace_period=END_GRACE_SECONDS,
                                data_sender_callable=end_on_shutdown)

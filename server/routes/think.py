@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
-
 from sse_starlette import EventSourceResponse
 
 from server.auth import Owner
 from server.errors import error_responses
+from server.formatting import request_id
 from server.responses import ErrorBody, ThinkDone, ThinkThought, ThinkToken
 from server.routes.router import Router
 from server.schemas import ThinkRequest
@@ -25,4 +24,4 @@ async def think(body: ThinkRequest, owner: Owner, srv: ServingDep):
     done`` (or ``event: error``)."""
     gen = srv.start(body, srv.encode(body.prompt), owner, max_tokens=body.max_tokens, logprobs=None,
                     think=body.think_options())
-    return event_stream(srv, gen, think_events(srv, gen, "think-" + uuid.uuid4().hex))
+    return event_stream(srv, gen, think_events(srv, gen, request_id("think-")))
