@@ -666,34 +666,56 @@ void conv_update(const Dims& d, const float* xz, float* conv_state, const float*
   }
 }
 
-// dt_proj + softplus, state update, D skip and gate for every channel.
+// One channel's state update for batch row r: h = exp(dt A) h + dt x B, returns C . h.
+inline float state_update(const Dims& d, const float* a2, const float* Bn, const float* Cn, float* h, float dt,
+                          float dtx) {
+  if (d.N == kLanes) {  // the usual d_state: one vector (the scalar loop below is not vectorised by gcc)
+    const vf16 hv = exp2_vec(dt * load16(a2)) * load16(h) + dtx * load16(Bn);
+    store16(h, hv);
+    return hsum(load16(Cn) * hv);
+  }
+  float acc = 0.f;
+  for (int64_t n = 0; n < d.N; ++n) {
+    const float hv = exp2_fast(dt * a2[n]) * h[n] + dtx * Bn[n];
+    h[n] = hv;
+    acc += Cn[n] * hv;
+  }
+  return acc;
+}
+
+// dt_proj + softplus, state update, D skip and gate for every channel, in
+// groups of 16 channels: dt's softplus, silu(z) and the output are computed
+// on vectors across the group (per channel and row they were scalar
+// polynomials: a quarter of a 130M batch-32 step), the state update per
+// channel on a vector across d_state.
 void ssm_update(const Dims& d, const float* const* w, const WeightRef& dt_w, const float* xz, const float* xc,
                 const float* dbc, float* ssm, float* y) {
-  const int64_t N = d.N, R = d.R, P = d.R + 2 * d.N;
+  const int64_t N = d.N, R = d.R, P = d.R + 2 * d.N, groups = (d.Di + kLanes - 1) / kLanes;
 #pragma omp for schedule(static)
-  for (int64_t ch = 0; ch < d.Di; ++ch) {
-    const float* a2 = w[kA2] + ch * N;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t c0 = g * kLanes;
+    if (c0 + kLanes > d.Di) {  // a partial last group: channel by channel
+      for (int64_t ch = c0; ch < d.Di; ++ch)
+        for (int64_t r = 0; r < d.b; ++r) {
+          const float* row = dbc + r * P;
+          const float dt = softplus(w[kDtB][ch] + dt_dot(dt_w, ch, R, row)), xv = xc[r * d.Di + ch];
+          const float acc = state_update(d, w[kA2] + ch * N, row + R, row + R + N, ssm + (r * d.Di + ch) * N, dt,
+                                         dt * xv);
+          y[r * d.Di + ch] = (acc + w[kDskip][ch] * xv) * silu(xz[r * 2 * d.Di + d.Di + ch]);
+        }
+      continue;
+    }
+    const vf16 bias = load16(w[kDtB] + c0), dskip = load16(w[kDskip] + c0);
     for (int64_t r = 0; r < d.b; ++r) {
       const float* row = dbc + r * P;
-      const float v = w[kDtB][ch] + dt_dot(dt_w, ch, R, row);
-      const float dt = softplus(v), xv = xc[r * d.Di + ch], dtx = dt * xv;
-      const float *Bn = row + R, *Cn = row + R + N;
-      float* h = ssm + (r * d.Di + ch) * N;
-      float acc = 0.f;
-      if (N == kLanes) {  // the usual d_state: one vector (the scalar loop below is not vectorised by gcc)
-        const vf16 hv = exp2_vec(dt * load16(a2)) * load16(h) + dtx * load16(Bn);
-        store16(h, hv);
-        const vf16 prod = load16(Cn) * hv;
-        for (int j = 0; j < kLanes; ++j) acc += prod[j];
-      } else {
-        for (int64_t n = 0; n < N; ++n) {
-          const float hv = exp2_fast(dt * a2[n]) * h[n] + dtx * Bn[n];
-          h[n] = hv;
-          acc += Cn[n] * hv;
-        }
-      }
-      const float zv = xz[r * 2 * d.Di + d.Di + ch];
-      y[r * d.Di + ch] = (acc + w[kDskip][ch] * xv) * silu(zv);
+      vf16 raw;
+      for (int j = 0; j < kLanes; ++j) raw[j] = dt_dot(dt_w, c0 + j, R, row);
+      const vf16 dt = softplus_vec(raw + bias), xv = load16(xc + r * d.Di + c0), dtx = dt * xv;
+      vf16 acc;
+      for (int j = 0; j < kLanes; ++j)
+        acc[j] = state_update(d, w[kA2] + (c0 + j) * N, row + R, row + R + N, ssm + (r * d.Di + c0 + j) * N, dt[j],
+                              dtx[j]);
+      store16(y + r * d.Di + c0, (acc + dskip * xv) * silu_vec(load16(xz + r * 2 * d.Di + d.Di + c0)));
     }
   }
 }
