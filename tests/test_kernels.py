@@ -416,7 +416,38 @@ def test_packed_pointers_follow_swaps_and_in_place_edits(monkeypatch):
     quantized_eager = session(model, ids, torch.tensor([20]), split=5, steps=6)
     for f, e in zip(quantized, quantized_eager):
         torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(quantized[0], edited[0])  # the int8 weights really are what ran
+    assert model.fused_decode._kind == cpu_fused.WEIGHT_KINDS[torch.int8]  # the table was repacked with int8
+
+
+@needs_cxx
+def test_packed_table_sees_a_stack_conversion_and_keeps_old_storage_alive(monkeypatch):
+    """``layers.double().float()`` replaces every weight's storage without a registration hook: the sentinel
+    pointers see it and the step repacks (it read freed memory before); the table holds its tensors' storage."""
+    set_mode(monkeypatch, "fused")
+    model = make_model(seed=13, d_model=64, n_layer=2, d_state=16)
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(13))
+    before = session(model, ids, torch.tensor([20]), split=5, steps=4)
+    packed = model.fused_decode._array
+    old_ptr = model.backbone.layers[0].mixer.in_proj.weight.data_ptr()
+    held = {t.data_ptr() for t in model.fused_decode._held}
+    assert old_ptr in held
+    model.backbone.layers.double().float()  # on a submodule: MambaLMHeadModel._apply does not run
+    assert model.backbone.layers[0].mixer.in_proj.weight.data_ptr() != old_ptr
+    after = session(model, ids, torch.tensor([20]), split=5, steps=4)
+    assert model.fused_decode._array is not packed  # repacked, not the old pointers
+    for f, e in zip(before, after):
+        torch.testing.assert_close(f, e, atol=1e-5, rtol=1e-5)
+
+
+@needs_cxx
+def test_scan_refuses_mismatched_shapes_instead_of_reading_past_them(monkeypatch):
+    set_mode(monkeypatch, "fused")
+    x, dt, A, B, C, Dskip, z, h0 = scan_inputs(3, 20, 32, 16, seed=7, with_state=True)
+    A2 = A * LOG2E
+    assert cpu_fused.selective_scan(x, dt, A2, B, C, Dskip, z, h0) is not None
+    assert cpu_fused.selective_scan(x, dt, A2, B, C, Dskip, z, h0[:1]) is None  # one state row for three
+    assert cpu_fused.selective_scan(x, dt, A2, B, C, Dskip, z, h0, lengths=torch.tensor([20])) is None
+    assert cpu_fused.selective_scan(x, dt[:, :10], A2, B, C, Dskip, z, h0) is None
 
 
 def test_a_state_wider_than_the_kernel_falls_back_to_eager():

@@ -101,6 +101,25 @@ def _layer_pointers(layer: nn.Module, norm_type: type) -> tuple[int, list[int | 
     ]  # fmt: skip
 
 
+def _weight_tensor(proj: nn.Module) -> Tensor:
+    """The tensor a projection's weight pointer was read from (a quantized layer's int8/bf16 data)."""
+    weight = proj.weight
+    return getattr(weight, "data_q", weight)
+
+
+def _packed_tensors(model: nn.Module) -> list[Tensor]:
+    """Detached views of every tensor whose pointer is packed: they keep the storage alive however the module's
+    parameters are later replaced, so a missed change reads stale weights, never freed memory."""
+    held: list[Tensor] = []
+    for layer in model.backbone.layers:
+        mixer, norm = layer.mixer, layer.norm
+        held += [norm.weight, getattr(norm, "bias", None), mixer.conv1d.weight, mixer.conv1d.bias,
+                 mixer._A_for_decode(), mixer.D]
+        for proj in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj):
+            held += [_weight_tensor(proj), getattr(proj.weight, "scales", None), proj.bias]
+    return [t.detach() for t in held if t is not None]
+
+
 class FusedDecode:
     """Runs :meth:`MambaLMHeadModel.step`'s layers and final norm in one C call."""
 
@@ -110,16 +129,18 @@ class FusedDecode:
         self._array: ctypes.Array | None = None
         self._kind = 0
         self._packed_at = -1  # _Registrations.count when packed
-        self._held: list[Tensor] = []  # the A tensors packed: alive as long as their pointers are
+        self._held: list[Tensor] = []  # every tensor packed (detached views): its storage lives as long as the table
+        self._sentinels: tuple = ()  # (tensor, data_ptr) of the first and last layers' in_proj weights
         self._tracked: list[Tensor] = []  # A_log parameters edited in place by training (not inference tensors)
         self._tracked_versions: tuple = ()
 
     def invalidate(self) -> None:
-        """Forget the packed pointers (the model's tensors moved: ``.to()``, ``.float()``; ``param.data = ..``
-        is not seen by anything else: call this after it)."""
+        """Forget the packed pointers. ``model.to()`` / ``.float()`` call this; ``param.data = ...`` or ``.to()``
+        on a single submodule fire no hook: call it after them (until then the step reads the old weights, which
+        the table keeps alive: stale, never freed memory)."""
         self._key = self._array = None
         self._packed_at = -1
-        self._held, self._tracked, self._tracked_versions = [], [], ()
+        self._held, self._tracked, self._tracked_versions, self._sentinels = [], [], (), ()
 
     @staticmethod
     def layer_macs(b: int, cfg) -> int:
@@ -143,13 +164,17 @@ class FusedDecode:
     def _weights(self, model: nn.Module) -> ctypes.Array | None:
         """The packed pointer array: reused while no module or parameter was assigned anywhere and no ``A_log``
         was edited in place (its cached ``A`` is then recomputed); else read again from the modules."""
-        if self._packed_at == _Registrations.count and tuple(a._version for a in self._tracked) == self._tracked_versions:
+        if (self._packed_at == _Registrations.count and all(t.data_ptr() == p for t, p in self._sentinels)
+                and tuple(a._version for a in self._tracked) == self._tracked_versions):
             return self._array  # None: this model is not fused-eligible (also remembered)
         packed_at = _Registrations.count
         self._array = array = self._pack(model)
         self._packed_at = packed_at
         self._tracked = [layer.mixer.A_log for layer in model.backbone.layers if not layer.mixer.A_log.is_inference()]
         self._tracked_versions = tuple(a._version for a in self._tracked)
+        ends = (model.backbone.layers[0], model.backbone.layers[-1]) if array is not None else ()
+        # A whole-model or whole-stack conversion (layers.half(), param.data = ...) moves these: seen at ~1 us.
+        self._sentinels = tuple((w, w.data_ptr()) for w in (_weight_tensor(layer.mixer.in_proj) for layer in ends))
         return array
 
     def _pack(self, model: nn.Module) -> ctypes.Array | None:
@@ -170,7 +195,7 @@ class FusedDecode:
         if key != self._key:  # weights moved, swapped or rebuilt: a new array
             self._array = (ctypes.c_void_p * len(pointers))(*pointers)
             self._key, self._kind = key, kinds.pop()
-            self._held = [layer.mixer._A_for_decode() for layer in model.backbone.layers]
+            self._held = _packed_tensors(model)
         return self._array
 
     def hidden(self, model: nn.Module, embedded: Tensor, conv: Tensor, ssm: Tensor) -> Tensor | None:

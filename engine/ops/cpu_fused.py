@@ -208,6 +208,10 @@ def selective_scan(
     N = A2.shape[1]
     if N > MAX_STATE or not usable(x, dt, A2, B, C, D, z) or (h0 is not None and not usable(h0)):
         return None
+    if (dt.shape != x.shape or z.shape != x.shape or B.shape != (b, L, N) or C.shape != (b, L, N)
+            or A2.shape != (Dm, N) or D.shape != (Dm,) or (h0 is not None and h0.shape != (b, Dm, N))
+            or (lengths is not None and lengths.shape != (b,))):
+        return None  # the C code trusts these sizes: anything else is the eager path's to refuse
     lib = library()
     if lib is None:
         return None

@@ -608,7 +608,11 @@ void linear_rows(const WeightRef& w, const float* bias, const float* X, float* Y
   }
 }
 
-// One dt_proj row (R wide) against one x_proj output row.
+// One dt_proj row (R wide) against one x_proj output row. int8 weights are
+// widened against float32 activations here even on VNNI machines: the eager
+// quantized step's crsm_linear quantizes activations to int16 once R >= 64
+// (d_model >= 1009), so the two paths then differ by that rounding (2^-16
+// of a block's largest value).
 inline float dt_dot(const WeightRef& w, int64_t ch, int64_t R, const float* row) {
   switch (w.kind) {
     case kI8:
