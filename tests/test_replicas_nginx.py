@@ -154,14 +154,15 @@ def test_a_draining_replica_is_skipped_without_an_error(cluster):
             time.sleep(0.02)
         assert httpx.post(url_a + "/v1/completions", json={"prompt": "x"}).status_code == 503
         answers = [httpx.post(nginx + "/v1/completions", timeout=60,
-                              json={"prompt": f"while A drains {i}", "max_tokens": 3,
+                              json={"prompt": f"while A drains {i}", "max_tokens": 3, "ignore_eos": True,
                                     **({"session_id": sid} if i % 2 else {})}) for i in range(6)]
         proc_a.send_signal(signal.SIGINT)
         rest = [line for line in lines if line.startswith("data: ")]
     assert [a.status_code for a in answers] == [200] * 6
     assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "abort"
     assert proc_a.wait(timeout=30) == 0
-    expected = sum(len(f"while A drains {i}".encode()) + 3 for i in (1, 3, 5))  # the session's three turns, whole
+    # the session's three turns, whole (ignore_eos: sampling at temperature 1, the tiny model may draw its EOS early)
+    expected = sum(len(f"while A drains {i}".encode()) + 3 for i in (1, 3, 5))
     assert httpx.get(f"{url_b}/v1/sessions/{sid}").json()["tokens"] == expected
 
 

@@ -60,7 +60,7 @@ def test_openai_client_sees_thinking_in_usage_only(server):
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused")
     stream = client.completions.create(model="tiny", prompt="A list is", max_tokens=40, stream=True,
                                        stream_options={"include_usage": True},
-                                       extra_body={"think": {"simulations": 8, "plan_every": 8}})
+                                       extra_body={"think": {"simulations": 8, "plan_every": 8}, "ignore_eos": True})
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices)
     usage = chunks[-1].usage
