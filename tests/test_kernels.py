@@ -184,17 +184,37 @@ def session(model, ids, lengths, split, steps, state_rows=None):
         (3, {}, 5),
         (2, {"rms_norm": False, "bias": True, "d_model": 48, "d_state": 16}, None),
         (4, {"d_model": 64, "n_layer": 3, "d_state": 16}, 4),
+        (7, {"bias": True, "d_model": 40}, 9),  # from 6 rows: the broadcast GEMM (8-wide, row tails)
+        (13, {"d_model": 48}, None),  # 16-wide
+        (32, {"rms_norm": False}, None),  # two 16-wide vectors
     ],
 )
 def test_model_prefill_and_decode_match_eager(monkeypatch, b, overrides, state_rows):
     model = make_model(seed=b, **overrides)
     L = 70
     ids = torch.randint(0, 256, (b, L), generator=torch.Generator().manual_seed(b))
-    lengths = torch.tensor([L - 13 * i for i in range(b)])
+    lengths = torch.tensor([L - 13 * (i % 4) for i in range(b)])
     fused, eager = both_paths(monkeypatch, lambda: session(model, ids, lengths, split=17, steps=64,
                                                            state_rows=state_rows))
     for f, e in zip(fused, eager):
         torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)
+
+
+@needs_cxx
+@pytest.mark.parametrize("m,k", [(1, 7), (13, 48), (50, 100), (80, 64)])
+def test_float_linear_matches_float64_for_every_row_count(m, k):
+    """crsm_linear's two forms (dot-product tiles up to 5 rows, broadcast GEMM from 6: 8-, 16- and 32-wide) and
+    their tails of rows and columns agree with a float64 product to float32 summation error."""
+    g = torch.Generator().manual_seed(m * k)
+    w, bias = torch.randn(m, k, generator=g), torch.randn(m, generator=g)
+    for rows in range(1, cpu_fused.LINEAR_MAX_ROWS + 1):
+        x = torch.randn(rows, k, generator=g)
+        for b in (None, bias):
+            got = cpu_fused.linear(x, w, None, b)
+            assert got is not None
+            expected = x.double() @ w.double().T + (0 if b is None else b.double())
+            magnitude = x.double().abs() @ w.double().abs().T + 1
+            assert ((got.double() - expected).abs() <= 1e-6 * k * magnitude).all(), (rows, b is None)
 
 
 @needs_cxx
