@@ -373,6 +373,33 @@ inline float hsum(vf16 v) {
 #endif
 }
 
+// out[j] = the sum of v[j]'s lanes for 16 vectors at once: a transposing
+// tree of 15 vector adds (shuffles between) instead of 16 separate
+// horizontal sums of ~9 instructions each.
+inline vf16 hsum16x16(const vf16* v) {
+#if defined(__AVX512F__)
+  __m512 s1[8], s2[4], s3[2];
+  for (int i = 0; i < 8; ++i) {  // 128-bit lanes 0-1: v[2i]'s halves summed, 2-3: v[2i+1]'s
+    const __m512 a = (__m512)v[2 * i], b = (__m512)v[2 * i + 1];
+    s1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i)  // lane k: four partials of v[4i + k]
+    s2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0x88),
+                          _mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // lane k: two partials each of v[8i + k], v[8i + 4 + k]
+    s3[i] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], 0x44),
+                          _mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], 0xEE));
+  // element 4k + m now holds v[4m + k]'s sum; the permutation puts v[j]'s at j
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xDD));
+  const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return (vf16)_mm512_permutexvar_ps(idx, t);
+#else
+  vf16 out;
+  for (int j = 0; j < kLanes; ++j) out[j] = hsum(v[j]);
+  return out;
+#endif
+}
+
 // Four weight rows against four batch rows: 16 independent vector
 // accumulators; each widened weight vector serves four batch rows.
 template <typename WT>
@@ -743,19 +770,35 @@ void add_norm(const float* hidden, float* residual, float* normed, const float* 
 }
 
 // Conv window shift + depthwise conv + silu for channels [m0, m1) of every row.
+// The window of one channel and row shifts by one and takes the new input;
+// returns the convolution before silu.
+inline float conv_shift(const Dims& d, const float* xz, float* conv_state, const float* cw, const float* cb,
+                        int64_t r, int64_t ch) {
+  float* s = conv_state + (r * d.Di + ch) * d.K;
+  float acc = cb ? cb[ch] : 0.f;
+  for (int64_t k = 0; k + 1 < d.K; ++k) {
+    s[k] = s[k + 1];
+    acc += s[k] * cw[ch * d.K + k];
+  }
+  s[d.K - 1] = xz[r * 2 * d.Di + ch];
+  return acc + s[d.K - 1] * cw[ch * d.K + d.K - 1];
+}
+
+// In groups of 16 channels so that silu runs on vectors (a scalar exp and
+// division per channel and row were ~3% of a 130M batch-32 step).
 void conv_update(const Dims& d, const float* xz, float* conv_state, const float* cw, const float* cb, float* xc) {
+  const int64_t groups = (d.Di + kLanes - 1) / kLanes;
 #pragma omp for schedule(static)
-  for (int64_t ch = 0; ch < d.Di; ++ch) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t c0 = g * kLanes;
     for (int64_t r = 0; r < d.b; ++r) {
-      float* s = conv_state + (r * d.Di + ch) * d.K;
-      float acc = cb ? cb[ch] : 0.f;
-      for (int64_t k = 0; k + 1 < d.K; ++k) {
-        s[k] = s[k + 1];
-        acc += s[k] * cw[ch * d.K + k];
+      if (c0 + kLanes > d.Di) {
+        for (int64_t ch = c0; ch < d.Di; ++ch) xc[r * d.Di + ch] = silu(conv_shift(d, xz, conv_state, cw, cb, r, ch));
+        continue;
       }
-      s[d.K - 1] = xz[r * 2 * d.Di + ch];
-      acc += s[d.K - 1] * cw[ch * d.K + d.K - 1];
-      xc[r * d.Di + ch] = silu(acc);
+      vf16 acc;
+      for (int j = 0; j < kLanes; ++j) acc[j] = conv_shift(d, xz, conv_state, cw, cb, r, c0 + j);
+      store16(xc + r * d.Di + c0, silu_vec(acc));
     }
   }
 }
@@ -775,6 +818,33 @@ inline float state_update(const Dims& d, const float* a2, const float* Bn, const
     acc += Cn[n] * hv;
   }
   return acc;
+}
+
+// dt_proj for 16 channels c0.. against one x_proj output row: 16 vector
+// accumulators over R, one transposing sum (16 horizontal sums before).
+template <typename WT>
+inline vf16 dt_dot16_t(const WT* W, int64_t c0, int64_t R, const float* row) {
+  vf16 a[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= R; k += kLanes) {
+    const vf16 v = load16(row + k);
+    for (int j = 0; j < kLanes; ++j) a[j] += load_w16(W + (c0 + j) * R + k) * v;
+  }
+  vf16 out = hsum16x16(a);
+  for (; k < R; ++k)
+    for (int j = 0; j < kLanes; ++j) out[j] += widen(W[(c0 + j) * R + k]) * row[k];
+  return out;
+}
+
+inline vf16 dt_dot16(const WeightRef& w, int64_t c0, int64_t R, const float* row) {
+  switch (w.kind) {
+    case kI8:
+      return dt_dot16_t(static_cast<const int8_t*>(w.data), c0, R, row) * load16(w.scale + c0);
+    case kBF16:
+      return dt_dot16_t(static_cast<const uint16_t*>(w.data), c0, R, row);
+    default:
+      return dt_dot16_t(static_cast<const float*>(w.data), c0, R, row);
+  }
 }
 
 // dt_proj + softplus, state update, D skip and gate for every channel, in
@@ -802,13 +872,24 @@ void ssm_update(const Dims& d, const float* const* w, const WeightRef& dt_w, con
     const vf16 bias = load16(w[kDtB] + c0), dskip = load16(w[kDskip] + c0);
     for (int64_t r = 0; r < d.b; ++r) {
       const float* row = dbc + r * P;
-      vf16 raw;
-      for (int j = 0; j < kLanes; ++j) raw[j] = dt_dot(dt_w, c0 + j, R, row);
-      const vf16 dt = softplus_vec(raw + bias), xv = load16(xc + r * d.Di + c0), dtx = dt * xv;
+      const vf16 dt = softplus_vec(dt_dot16(dt_w, c0, R, row) + bias), xv = load16(xc + r * d.Di + c0),
+                 dtx = dt * xv;
       vf16 acc;
-      for (int j = 0; j < kLanes; ++j)
-        acc[j] = state_update(d, w[kA2] + (c0 + j) * N, row + R, row + R + N, ssm + (r * d.Di + c0 + j) * N, dt[j],
-                              dtx[j]);
+      if (N == kLanes) {  // the usual d_state: one vector per channel, the 16 C . h sums at once
+        const vf16 Bv = load16(row + R), Cv = load16(row + R + N);
+        vf16 prod[kLanes];
+        for (int j = 0; j < kLanes; ++j) {
+          float* h = ssm + (r * d.Di + c0 + j) * N;
+          const vf16 hv = exp2_vec(dt[j] * load16(w[kA2] + (c0 + j) * N)) * load16(h) + dtx[j] * Bv;
+          store16(h, hv);
+          prod[j] = Cv * hv;
+        }
+        acc = hsum16x16(prod);
+      } else {
+        for (int j = 0; j < kLanes; ++j)
+          acc[j] = state_update(d, w[kA2] + (c0 + j) * N, row + R, row + R + N, ssm + (r * d.Di + c0 + j) * N,
+                                dt[j], dtx[j]);
+      }
       store16(y + r * d.Di + c0, (acc + dskip * xv) * silu_vec(load16(xz + r * 2 * d.Di + d.Di + c0)));
     }
   }
