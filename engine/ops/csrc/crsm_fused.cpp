@@ -67,6 +67,23 @@ typedef float vf16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 
 inline vf16 exp2_vec(vf16 x) {
+#if defined(__AVX512F__)
+  // The same polynomial with AVX-512's min/max, roundscale and scalef (p * 2^xi
+  // in one instruction): 11 instructions instead of ~18 for the blends, the
+  // magic-number rounding and the exponent built in integer lanes. Same
+  // results: round to nearest even, exact power-of-two scaling.
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(-126.f)), _mm512_set1_ps(126.f));
+  const __m512 xr = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf16 f = (vf16)_mm512_sub_ps(xc, xr);
+  vf16 q = vf16{} + 1.535336188319500e-4f;
+  q = q * f + 1.339887440266574e-3f;
+  q = q * f + 9.618437357674640e-3f;
+  q = q * f + 5.550332471162809e-2f;
+  q = q * f + 2.402264791363012e-1f;
+  q = q * f + 6.931472028550421e-1f;
+  q = q * f + 1.0f;
+  return (vf16)_mm512_scalef_ps((__m512)q, xr);
+#else
   const vf16 lo = vf16{} - 126.f, hi = vf16{} + 126.f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
@@ -82,6 +99,7 @@ inline vf16 exp2_vec(vf16 x) {
   p = p * f + 1.0f;
   const vi16 bits = (__builtin_convertvector(xi, vi16) + 127) << 23;
   return p * (vf16)bits;  // a vector cast reinterprets the bits
+#endif
 }
 
 // 1 / d on 16 lanes: AVX-512's 14-bit estimate and one Newton step (rel.
@@ -227,13 +245,13 @@ void scan_block16(const ScanArgs& a, int64_t bi, int64_t d0) {
     for (int64_t t = t0; t < t1; ++t) {
       const vf16 dtv = dts[t - t0], xv = load16(xb + t * a.sx_t), dtx = dtv * xv;
       const float *Bt = Bb + t * a.sbc_t, *Ct = Cb + t * a.sbc_t;
-      vf16 y = vf16{};
+      vf16 y[4] = {};  // four partial sums: one chain of N dependent adds was the step's critical path
       for (int64_t n = 0; n < N; ++n) {
         const vf16 hv = exp2_vec(dtv * al[n]) * hl[n] + dtx * Bt[n];
         hl[n] = hv;
-        y += Ct[n] * hv;
+        y[n & 3] += Ct[n] * hv;
       }
-      store16(ob + t * D, (y + dsk * xv) * gates[t - t0]);
+      store16(ob + t * D, ((y[0] + y[1]) + (y[2] + y[3]) + dsk * xv) * gates[t - t0]);
     }
   }
   for (int64_t n = 0; n < N; ++n)
