@@ -97,6 +97,11 @@ def set_up_worker(spec: WorkerSpec) -> None:
     except OSError:
         pass
     torch.set_num_threads(max(1, spec.threads))
+    # A worker holds its own copy of the model already; oneDNN's packed prefill weights would add another 70%
+    # of it (engine/ops/packed_linear.py) for forwards of a few tokens. CRSM_PREFILL_PACKED=1 asks for them.
+    from engine.ops.packed_linear import ENV_SWITCH
+
+    os.environ.setdefault(ENV_SWITCH, "0")
 
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:

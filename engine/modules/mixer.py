@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from engine import ops
 from engine.config import MambaConfig
+from engine.ops import packed_linear
 from engine.ops.selective_scan import LOG2E
 
 
@@ -36,6 +37,14 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(d_inner, device=device, dtype=torch.float32))
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias, **kw)
         self._config = config
+        self._packed = packed_linear.PackedWeights()  # prefill's oneDNN copies of the projections (packed_linear.py)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .float(), ...: packed copies of the old weights go
+        self._packed.clear()
+        return super()._apply(fn, recurse)
+
+    def _prefill_linear(self, x: Tensor, linear: nn.Linear, name: str) -> Tensor:
+        return packed_linear.linear(x, linear.weight, linear.bias, self._packed, name)
 
     @torch.no_grad()
     def reset_parameters_like_mamba_ssm(self) -> None:
@@ -52,10 +61,17 @@ class MambaMixer(nn.Module):
         ).clamp(min=cfg.dt_init_floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def _ssm_inputs(self, x: Tensor, softplus: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    def _ssm_inputs(self, x: Tensor, softplus: bool = True, prefill: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """dt (after softplus, or before it with ``softplus=False``), B, C from the conv output x (..., d_inner)."""
-        dt, B, C = torch.split(F.linear(x, self.x_proj.weight), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).float()
+        if prefill:
+            dbc = self._prefill_linear(x, self.x_proj, "x_proj")
+        else:
+            dbc = F.linear(x, self.x_proj.weight)
+        dt, B, C = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if prefill:
+            dt = self._prefill_linear(dt, self.dt_proj, "dt_proj").float()
+        else:
+            dt = F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).float()
         return (F.softplus(dt) if softplus else dt), B, C
 
     def forward(
@@ -70,13 +86,13 @@ class MambaMixer(nn.Module):
         ``lengths`` marks right padding: steps past a row's length leave its
         state untouched, so the returned states are those after its last token.
         """
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        x, z = self._prefill_linear(hidden, self.in_proj, "in_proj").chunk(2, dim=-1)
         conv_w = self.conv1d.weight.squeeze(1)
         x, new_conv = ops.conv(x, conv_w, self.conv1d.bias, conv_state, lengths)
-        dt, B, C = self._ssm_inputs(x, softplus=False)  # the scan applies softplus and the padding
+        dt, B, C = self._ssm_inputs(x, softplus=False, prefill=True)  # the scan applies softplus and the padding
         A = -torch.exp(self.A_log.float())
         y, new_ssm = ops.ssm_scan(x, dt, A, B, C, self.D, z, ssm_state, dt_softplus=True, lengths=lengths)
-        return self.out_proj(y.to(hidden.dtype)), new_conv, new_ssm
+        return self._prefill_linear(y.to(hidden.dtype), self.out_proj, "out_proj"), new_conv, new_ssm
 
     def _A_for_decode(self) -> Tensor:
         """-exp(A_log) * log2(e) (the exp2 form), cached until the parameter changes.
