@@ -1,7 +1,8 @@
 """Mamba ops with one entry point each: CUDA kernels when present, pure PyTorch otherwise.
 
-The mixer calls only these four functions, so the pure path and the kernel
-path share every line above the op level.
+The mixer calls only these four functions (and ``packed_linear.linear`` for
+its prefill projections), so the pure path and the kernel path share every
+line above the op level.
 """
 
 from __future__ import annotations

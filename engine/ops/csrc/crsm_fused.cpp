@@ -66,6 +66,17 @@ inline float silu(float v) { return v / (1.0f + exp2_fast(-v * kLog2e)); }
 typedef float vf16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 
+// 2^f for f in [-0.5, 0.5]: exp2_fast's polynomial on 16 lanes.
+inline vf16 exp2_poly(vf16 f) {
+  vf16 p = vf16{} + 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  return p * f + 1.0f;
+}
+
 inline vf16 exp2_vec(vf16 x) {
 #if defined(__AVX512F__)
   // The same polynomial with AVX-512's min/max, roundscale and scalef (p * 2^xi
@@ -74,31 +85,15 @@ inline vf16 exp2_vec(vf16 x) {
   // results: round to nearest even, exact power-of-two scaling.
   const __m512 xc = _mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(-126.f)), _mm512_set1_ps(126.f));
   const __m512 xr = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const vf16 f = (vf16)_mm512_sub_ps(xc, xr);
-  vf16 q = vf16{} + 1.535336188319500e-4f;
-  q = q * f + 1.339887440266574e-3f;
-  q = q * f + 9.618437357674640e-3f;
-  q = q * f + 5.550332471162809e-2f;
-  q = q * f + 2.402264791363012e-1f;
-  q = q * f + 6.931472028550421e-1f;
-  q = q * f + 1.0f;
-  return (vf16)_mm512_scalef_ps((__m512)q, xr);
+  return (vf16)_mm512_scalef_ps((__m512)exp2_poly((vf16)_mm512_sub_ps(xc, xr)), xr);
 #else
   const vf16 lo = vf16{} - 126.f, hi = vf16{} + 126.f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   const vf16 magic = vf16{} + 12582912.f;  // 1.5 * 2^23: (x + magic) - magic rounds to nearest
   const vf16 xi = (x + magic) - magic;
-  const vf16 f = x - xi;
-  vf16 p = vf16{} + 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
   const vi16 bits = (__builtin_convertvector(xi, vi16) + 127) << 23;
-  return p * (vf16)bits;  // a vector cast reinterprets the bits
+  return exp2_poly(x - xi) * (vf16)bits;  // a vector cast reinterprets the bits
 #endif
 }
 
