@@ -76,9 +76,6 @@ class PackedWeights:
     def clear(self) -> None:
         self._entries.clear()
 
-    def nbytes(self) -> int:
-        return sum(packed.numel() * packed.element_size() for _, packed in self._entries.values())
-
 
 def _packable(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bool:
     if type(weight) not in (Tensor, nn.Parameter) or weight.dtype != torch.float32 or x.dtype != torch.float32:

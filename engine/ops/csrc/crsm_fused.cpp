@@ -782,9 +782,8 @@ void add_norm(const float* hidden, float* residual, float* normed, const float* 
   }
 }
 
-// Conv window shift + depthwise conv + silu for channels [m0, m1) of every row.
 // The window of one channel and row shifts by one and takes the new input;
-// returns the convolution before silu.
+// returns the depthwise convolution before silu.
 inline float conv_shift(const Dims& d, const float* xz, float* conv_state, const float* cw, const float* cb,
                         int64_t r, int64_t ch) {
   float* s = conv_state + (r * d.Di + ch) * d.K;
@@ -797,7 +796,8 @@ inline float conv_shift(const Dims& d, const float* xz, float* conv_state, const
   return acc + s[d.K - 1] * cw[ch * d.K + d.K - 1];
 }
 
-// In groups of 16 channels so that silu runs on vectors (a scalar exp and
+// Conv window shift + depthwise conv + silu for every channel and row, in
+// groups of 16 channels so that silu runs on vectors (a scalar exp and
 // division per channel and row were ~3% of a 130M batch-32 step).
 void conv_update(const Dims& d, const float* xz, float* conv_state, const float* cw, const float* cb, float* xc) {
   const int64_t groups = (d.Di + kLanes - 1) / kLanes;
