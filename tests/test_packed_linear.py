@@ -105,9 +105,18 @@ def test_planner_workers_leave_packing_off_unless_asked(monkeypatch):
 
     monkeypatch.setattr("os.nice", lambda n: 0)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    monkeypatch.delenv(packed_linear.ENV_SWITCH, raising=False)
+    monkeypatch.setenv(packed_linear.ENV_SWITCH, "")  # recorded first, so that teardown restores what was there
+    monkeypatch.delenv(packed_linear.ENV_SWITCH)
     set_up_worker(WorkerSpec(checkpoint="unused"))
     assert not packed_linear.enabled()
     monkeypatch.setenv(packed_linear.ENV_SWITCH, "1")
     set_up_worker(WorkerSpec(checkpoint="unused"))
     assert packed_linear.enabled()
+
+
+def test_the_second_copy_is_announced_once(monkeypatch, caplog, ids):
+    monkeypatch.setattr(packed_linear, "_ANNOUNCED", False)
+    with caplog.at_level("INFO", logger="engine.ops.packed_linear"):
+        prefill(make_model(seed=8, d_model=64), ids)
+        prefill(make_model(seed=9, d_model=64), ids)
+    assert [r.getMessage().count(packed_linear.ENV_SWITCH) for r in caplog.records] == [1]

@@ -53,6 +53,18 @@ def _disable(reason: Exception) -> None:
     log.warning("oneDNN packed linear failed (%r); prefill projections use F.linear from now on", reason)
 
 
+_ANNOUNCED = False
+
+
+def _announce() -> None:
+    """Say once per process that prefill weights now have a second copy (memory a user should know about)."""
+    global _ANNOUNCED
+    if not _ANNOUNCED:
+        _ANNOUNCED = True
+        log.info("prefill projections run through oneDNN with packed copies of their float32 weights "
+                 "(+4 bytes per packed weight; %s=0 keeps one copy)", ENV_SWITCH)
+
+
 class PackedWeights:
     """A module's packed copies, one per name, rebuilt when the weight's storage, shape or version changes
     (``load_state_dict`` copies in place and bumps the version; inference tensors have none and are frozen)."""
@@ -68,6 +80,7 @@ class PackedWeights:
             with torch.no_grad():
                 entry = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
             self._entries[name] = entry
+            _announce()
         return entry[1]
 
     def __getstate__(self) -> dict:  # pickled / deep-copied models pack again on use
