@@ -43,8 +43,11 @@ class MambaMixer(nn.Module):
         self._packed.clear()
         return super()._apply(fn, recurse)
 
-    def _prefill_linear(self, x: Tensor, linear: nn.Linear, name: str) -> Tensor:
-        return packed_linear.linear(x, linear.weight, linear.bias, self._packed, name)
+    def _project(self, x: Tensor, linear: nn.Linear, name: str, prefill: bool) -> Tensor:
+        """A projection; prefill's through oneDNN with packed weights where that wins (packed_linear.py)."""
+        if prefill:
+            return packed_linear.linear(x, linear.weight, linear.bias, self._packed, name)
+        return F.linear(x, linear.weight, linear.bias)
 
     @torch.no_grad()
     def reset_parameters_like_mamba_ssm(self) -> None:
@@ -63,15 +66,9 @@ class MambaMixer(nn.Module):
 
     def _ssm_inputs(self, x: Tensor, softplus: bool = True, prefill: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """dt (after softplus, or before it with ``softplus=False``), B, C from the conv output x (..., d_inner)."""
-        if prefill:
-            dbc = self._prefill_linear(x, self.x_proj, "x_proj")
-        else:
-            dbc = F.linear(x, self.x_proj.weight)
+        dbc = self._project(x, self.x_proj, "x_proj", prefill)
         dt, B, C = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if prefill:
-            dt = self._prefill_linear(dt, self.dt_proj, "dt_proj").float()
-        else:
-            dt = F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).float()
+        dt = self._project(dt, self.dt_proj, "dt_proj", prefill).float()
         return (F.softplus(dt) if softplus else dt), B, C
 
     def forward(
@@ -86,13 +83,13 @@ class MambaMixer(nn.Module):
         ``lengths`` marks right padding: steps past a row's length leave its
         state untouched, so the returned states are those after its last token.
         """
-        x, z = self._prefill_linear(hidden, self.in_proj, "in_proj").chunk(2, dim=-1)
+        x, z = self._project(hidden, self.in_proj, "in_proj", prefill=True).chunk(2, dim=-1)
         conv_w = self.conv1d.weight.squeeze(1)
         x, new_conv = ops.conv(x, conv_w, self.conv1d.bias, conv_state, lengths)
         dt, B, C = self._ssm_inputs(x, softplus=False, prefill=True)  # the scan applies softplus and the padding
         A = -torch.exp(self.A_log.float())
         y, new_ssm = ops.ssm_scan(x, dt, A, B, C, self.D, z, ssm_state, dt_softplus=True, lengths=lengths)
-        return self._prefill_linear(y.to(hidden.dtype), self.out_proj, "out_proj"), new_conv, new_ssm
+        return self._project(y.to(hidden.dtype), self.out_proj, "out_proj", prefill=True), new_conv, new_ssm
 
     def _A_for_decode(self) -> Tensor:
         """-exp(A_log) * log2(e) (the exp2 form), cached until the parameter changes.
