@@ -120,3 +120,13 @@ def test_the_second_copy_is_announced_once(monkeypatch, caplog, ids):
         prefill(make_model(seed=8, d_model=64), ids)
         prefill(make_model(seed=9, d_model=64), ids)
     assert [r.getMessage().count(packed_linear.ENV_SWITCH) for r in caplog.records] == [1]
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("off", False), (" False ", False), ("no", False),
+                                       ("1", True), ("on", True), ("", True), ("bogus", True)])
+def test_switch_values(monkeypatch, caplog, value, on):
+    monkeypatch.setenv(packed_linear.ENV_SWITCH, value)
+    monkeypatch.setattr(packed_linear, "_WARNED", set())
+    with caplog.at_level("WARNING", logger="engine.ops.packed_linear"):
+        assert packed_linear.enabled() is on
+    assert bool(caplog.records) == (value == "bogus")

@@ -31,9 +31,26 @@ MIN_WEIGHTS = 1 << 19
 MIN_ROWS = 64
 
 
+_OFF = ("0", "false", "off", "no")
+_ON = ("", "1", "true", "on", "yes")
+
+
 def enabled() -> bool:
-    """oneDNN's packed linear is present and ``CRSM_PREFILL_PACKED`` is not 0 (read per call: tests flip it)."""
-    return os.environ.get(ENV_SWITCH, "1").strip() != "0" and _available()
+    """oneDNN's packed linear is present and ``CRSM_PREFILL_PACKED`` does not say off (0/false/off/no; read per
+    call: tests flip it). An unrecognised value is logged once and leaves packing on, the default."""
+    value = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    if value not in _OFF and value not in _ON:
+        _warn_value(value)
+    return value not in _OFF and _available()
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_value(value: str) -> None:
+    if value not in _WARNED and len(_WARNED) < 8:
+        _WARNED.add(value)
+        log.warning("%s=%r is not one of 0/1/false/true/off/on/no/yes; prefill packing stays on", ENV_SWITCH, value)
 
 
 _AVAILABLE: bool | None = None
