@@ -75,7 +75,7 @@ train: $(STAMP) data/pydoc/train.bin
 	$(PY) -m engine.train pipeline --config $(TRAIN_CONFIG)
 
 eval: $(STAMP)
-	$(PY) -m planner.evaluate --config $(TRAIN_CONFIG)
+	$(PY) -m planner.offline.evaluate --config $(TRAIN_CONFIG)
 
 # Dashboard PNG from a live server + local Prometheus (needs the prometheus binary).
 dashboard: $(STAMP)

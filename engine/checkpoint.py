@@ -37,7 +37,7 @@ from torch import Tensor
 
 from engine.config import MambaConfig
 from engine.models import MambaLMHeadModel
-from engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from engine.text.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 FORMAT_NAME = "crsm-checkpoint"
 FORMAT_VERSION = 1

@@ -1,7 +1,7 @@
 """The engine's public request types: what a caller submits and the events it gets back.
 
 A caller (the HTTP layer, a benchmark, the offline evaluation) builds a
-:class:`GenerationRequest`, hands it to :meth:`engine.scheduler.Engine.submit`
+:class:`GenerationRequest`, hands it to :meth:`engine.loop.scheduler.Engine.submit`
 and reads the :class:`RequestHandle` it gets back: token events, thought
 events when the request thinks, and exactly one :class:`FinishEvent` last,
 whatever way the request ends. Events are produced on the engine thread and

@@ -3,7 +3,7 @@
 The engine does not import the planner. It posts a :class:`PlanJob` (a copy
 of a sequence's state, its root logits and the tokens so far) through a
 :class:`PlannerLink`, and receives :class:`StateDelta` or :class:`PlanDropped`
-results through :meth:`engine.scheduler.Engine.post_result`, from any thread.
+results through :meth:`engine.loop.scheduler.Engine.post_result`, from any thread.
 
 Steps. A thinking sequence holds its prompt's last token back from the
 prefill, so the choice of the first generated token is a decode step like
@@ -136,7 +136,7 @@ class PlanDropped:
 
 @dataclass
 class ThoughtEvent:
-    """One delta's fate, streamed by ``/think`` (token events are :class:`engine.scheduler.TokenEvent`)."""
+    """One delta's fate, streamed by ``/think`` (token events are :class:`engine.loop.scheduler.TokenEvent`)."""
 
     planned_at: int
     applied_at: int | None
@@ -171,7 +171,7 @@ class ThinkTotals:
 class PlannerLink(Protocol):
     """The engine's side of a planner pool.
 
-    :meth:`engine.scheduler.Engine.attach_planner` calls ``connect`` once with
+    :meth:`engine.loop.scheduler.Engine.attach_planner` calls ``connect`` once with
     the engine's ``post_result`` (where results go, callable from any thread),
     so a pool and an engine are built independently and joined afterwards.
     ``submit`` and ``discard`` come from the engine thread and must not block.

@@ -37,9 +37,9 @@ from engine.models.planner_net import PlannerNet, load_planner
 from engine.requests import GenerationRequest, TokenEvent
 from engine.runtime import engine_threads, set_threads
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine
+from engine.loop.scheduler import Engine
 from engine.thinking import ThinkParams
-from engine.tokenizer import ByteTokenizer
+from engine.text.tokenizer import ByteTokenizer
 from planner.pool import PlannerPool
 from planner.search import SearchConfig, search
 from planner.simulators import BackboneSimulator, LatentSimulator

@@ -76,7 +76,7 @@ def bench_checkpoint(folder: Path, shape: str = "default") -> Path:
 
     from engine import MambaConfig, MambaLMHeadModel
     from engine.checkpoint import save_checkpoint
-    from engine.tokenizer import ByteTokenizer
+    from engine.text.tokenizer import ByteTokenizer
 
     fields = dict(SHAPES[shape])
     extra_files = {}
@@ -160,7 +160,7 @@ async def sse_vs_engine(checkpoint: Path, urls: dict[str, str], prompt: str, str
     """
     from engine.checkpoint import load_model
     from engine.runtime import engine_threads, set_threads
-    from engine.scheduler import Engine
+    from engine.loop.scheduler import Engine
 
     set_threads(engine_threads(planner_threads=0))
     loaded = load_model(checkpoint, quantize=quantize)

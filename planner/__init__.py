@@ -7,10 +7,11 @@ in :mod:`engine.models.planner_net`, or the backbone's own step).
 :mod:`planner.verifiers` holds the named checkers a search can use as its
 reward where a branch ends the answer. :mod:`planner.planner` turns plan jobs
 into state deltas (decision deltas, :mod:`planner.decision`, with a confidence
-calibrated by :mod:`planner.calibrate`), :mod:`planner.worker`
+calibrated offline and read by :mod:`planner.calibration`), :mod:`planner.worker`
 runs it in a separate process and :mod:`planner.pool` drives those processes
-from asyncio for the server. :mod:`planner.evaluate` measures planner off
-against on (``make eval``). The planner reads state snapshots and never
+from asyncio for the server. The offline tools live apart in
+:mod:`planner.offline`: the evaluation of planner off against on (``make eval``)
+and the gate's calibration; the runtime never loads them. The planner reads state snapshots and never
 mutates a sequence: the engine applies the deltas. It imports ``engine``,
 never ``server``.
 """

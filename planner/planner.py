@@ -13,7 +13,7 @@ For a batch of :class:`~engine.thinking.PlanJob` it
    state the node's token is fed into that makes that choice win the step
    (:mod:`planner.decision`, all branches of all jobs in one batched call;
    or the old best-child state difference with ``delta="child"``), and the
-   search's confidence there (calibrated, :mod:`planner.calibrate`), plus the
+   search's confidence there (calibrated, :mod:`planner.offline.calibrate`), plus the
    main line for display (see :mod:`engine.thinking`).
 """
 
@@ -29,7 +29,7 @@ import torch
 from engine.models import MambaLMHeadModel
 from engine.state import MambaState
 from engine.thinking import PlanJob, StateDelta
-from engine.tokenizer import ByteTokenizer, Tokenizer
+from engine.text.tokenizer import ByteTokenizer, Tokenizer
 from planner.decision import decision_deltas
 from planner.search import SearchConfig, best_path, search
 from planner.simulators import BackboneSimulator, Simulator, ssm_part

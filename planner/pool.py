@@ -162,7 +162,7 @@ class PlannerPool:
 
     # The engine's side (engine thread) -------------------------------------
     def connect(self, deliver: Callable[[StateDelta | PlanDropped], None]) -> None:
-        """Where results go (the engine's ``post_result``); see :meth:`engine.scheduler.Engine.attach_planner`."""
+        """Where results go (the engine's ``post_result``); see :meth:`engine.loop.scheduler.Engine.attach_planner`."""
         self.post = deliver
 
     def submit(self, job: PlanJob) -> None:

@@ -114,7 +114,7 @@ def decision_features(node: Node) -> tuple[float, float, int]:
 class Calibration:
     """``P(the search's choice is right) = sigmoid(bias + w_share * share + w_advantage * advantage)``.
 
-    Fitted on held-out problems by :mod:`planner.calibrate` and stored in the
+    Fitted on held-out problems by :mod:`planner.offline.calibrate` and stored in the
     checkpoint's ``planner.json`` (key ``calibration``), so a stated
     confidence of p is right about p of the time on such problems.
     """

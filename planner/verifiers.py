@@ -8,7 +8,7 @@ instead of asking the value head; the server reports the verdict on the
 final answer in ``usage.think``.
 
 - ``add``, ``sort``, ``reverse``, ``word``: the training tasks'
-  (:mod:`engine.train.tasks`); the question is the prompt's last
+  (:mod:`engine.tasks`); the question is the prompt's last
   ``Q: ...`` line, and the answer is recomputed from it (never trusted);
   ``task`` accepts any of the four.
 - ``json``: the answer (stripped) parses as JSON.
@@ -32,8 +32,8 @@ from collections.abc import Callable
 import regex
 
 from engine.thinking import PlanJob
-from engine.tokenizer import Tokenizer
-from engine.train import tasks
+from engine.text.tokenizer import Tokenizer
+from engine import tasks
 
 MAX_PATTERN_CHARS = 1000
 MAX_ANSWER_CHARS = 65536

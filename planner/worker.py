@@ -68,8 +68,8 @@ def load_planner_for(spec: WorkerSpec):
     """(Planner, info, the model's state shape) for a worker, from the checkpoint."""
     from engine.checkpoint import load_model
     from engine.models.planner_net import load_planner
-    from engine.tokenizer import load_tokenizer
-    from planner.calibrate import load_calibration
+    from engine.text.tokenizer import load_tokenizer
+    from planner.calibration import load_calibration
     from planner.planner import Planner
     from planner.simulators import choose_simulator, make_simulator
 

@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
-from engine.chat import ChatTemplate
-from engine.scheduler import Engine
-from engine.tokenizer import Tokenizer
+from engine.text.chat import ChatTemplate
+from engine.loop.scheduler import Engine
+from engine.text.tokenizer import Tokenizer
 from server.errors import install_error_handlers
 from server.limits import LimitsAndErrorCounts
 from server.metrics import Metrics

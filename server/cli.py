@@ -115,10 +115,10 @@ def load_api_keys(args: argparse.Namespace) -> frozenset[str]:
 
 def build(args: argparse.Namespace):
     """Load the model, start the engine, return (app, engine)."""
-    from engine.chat import ChatTemplate
+    from engine.text.chat import ChatTemplate
     from engine.checkpoint import load_model
     from engine.runtime import engine_threads, set_threads
-    from engine.scheduler import Engine
+    from engine.loop.scheduler import Engine
     from engine.sessions import PrefixCache, open_session_store
     from engine.sessions.identity import model_identity
     from server.app import ServerConfig, create_app
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.drain_timeout < math.inf:
         print(f"error: --drain-timeout must be a number of seconds >= 0, not {args.drain_timeout}", file=sys.stderr)
         return 2
-    from engine.chat import ChatTemplateError
+    from engine.text.chat import ChatTemplateError
     from engine.checkpoint import CheckpointError
     from engine.sessions import SessionStoreUnavailable
     from engine.sessions.directory import StoreLocked

@@ -14,7 +14,7 @@ signal only starts a drain, run on the event loop:
 2. Requests in flight run on until they finish or ``drain_timeout`` passes.
 3. The rest are cancelled: the engine ends each with its final event
    (``finish_reason: "abort"``, ``[DONE]``) and writes its session back (state
-   and tokens as far as they got, :meth:`engine.scheduler.Engine._retire`).
+   and tokens as far as they got, :meth:`engine.loop.scheduler.Engine._retire`).
 4. Once their final events are written, uvicorn's normal shutdown runs
    (close the socket, finish connections, the app's lifespan: engine, planner)
    and the process exits with status 0, at once: not waiting for threads
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, NoReturn
 import uvicorn
 
 if TYPE_CHECKING:
-    from engine.scheduler import Engine
+    from engine.loop.scheduler import Engine
     from server.serving import Generation
 
 log = logging.getLogger("server.drain")

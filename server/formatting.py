@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from engine.requests import FinishEvent, TokenEvent
 from engine.thinking import ThoughtEvent
-from engine.tokenizer import Tokenizer
+from engine.text.tokenizer import Tokenizer
 from server.responses import (
     ChatChoice,
     ChatChunkChoice,

@@ -17,7 +17,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
-from engine.chat import ChatTemplate, ChatTemplateError
+from engine.text.chat import ChatTemplate, ChatTemplateError
 from engine.requests import (
     ContextLengthExceeded,
     EmptyPrompt,
@@ -30,7 +30,7 @@ from engine.requests import (
     TokenEvent,
 )
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine
+from engine.loop.scheduler import Engine
 from engine.sessions import (
     SessionBusy,
     SessionNotFound,
@@ -39,7 +39,7 @@ from engine.sessions import (
     SessionTooLarge,
 )
 from engine.thinking import ThinkParams, ThoughtEvent
-from engine.tokenizer import Tokenizer
+from engine.text.tokenizer import Tokenizer
 from planner.verifiers import verdict
 from server.drain import RETRY_AFTER_SECONDS, Drain
 from server.errors import APIError

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from engine.checkpoint import save_checkpoint
-from engine.tokenizer import ByteTokenizer
+from engine.text.tokenizer import ByteTokenizer
 from loadtest.process import free_port, supervised
 from tests.conftest import make_model
 

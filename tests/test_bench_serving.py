@@ -7,7 +7,7 @@ import json
 import httpx
 
 from engine.checkpoint import load_model
-from engine.tokenizer import ByteTokenizer
+from engine.text.tokenizer import ByteTokenizer
 from loadtest.bench_serving import bench_checkpoint, server_args
 from tests.serving import running_server
 

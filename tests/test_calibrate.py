@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.checkpoint import verify_checkpoint
-from planner.calibrate import fit_logistic, load_calibration, reliability, store
+from planner.calibration import load_calibration
+from planner.offline.calibrate import fit_logistic, reliability, store
 from planner.tree import Calibration, Node, confidence
 
 DEFAULT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from engine.chat import ChatTemplate, ChatTemplateError
-from engine.tokenizer import ByteTokenizer, load_tokenizer
+from engine.text.chat import ChatTemplate, ChatTemplateError
+from engine.text.tokenizer import ByteTokenizer, load_tokenizer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi ☃"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More?"}]

@@ -17,11 +17,11 @@ import httpx
 import pytest
 import uvicorn
 
-from engine.chat import ChatTemplate
+from engine.text.chat import ChatTemplate
 from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine
-from engine.tokenizer import ByteTokenizer
+from engine.loop.scheduler import Engine
+from engine.text.tokenizer import ByteTokenizer
 from loadtest.process import free_port
 from server.app import ServerConfig, create_app
 from server.metrics import Metrics

@@ -15,11 +15,11 @@ import random
 
 import pytest
 
-import engine.scheduler as scheduler
+import engine.loop.scheduler as scheduler
 from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine
-from engine.tokenizer import ByteTokenizer
+from engine.loop.scheduler import Engine
+from engine.text.tokenizer import ByteTokenizer
 from tests.conftest import make_model, reference_greedy
 
 TOK = ByteTokenizer()

@@ -10,9 +10,9 @@ import pytest
 from engine.checkpoint import save_checkpoint
 from engine.requests import GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine
+from engine.loop.scheduler import Engine
 from engine.thinking import ThinkParams, ThoughtEvent
-from engine.tokenizer import ByteTokenizer
+from engine.text.tokenizer import ByteTokenizer
 from planner.pool import PlannerObserver, PlannerPool
 from planner.worker import WorkerSpec
 from tests import planner_faults

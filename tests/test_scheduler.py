@@ -16,10 +16,10 @@ from engine.requests import (
     TokenEvent,
 )
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine
+from engine.loop.scheduler import Engine
 from engine.sessions import PrefixCache, SessionBusy, SessionNotFound, SessionStore, SessionTooLarge
-from engine.stops import StopMatcher
-from engine.tokenizer import ByteTokenizer
+from engine.text.stops import StopMatcher
+from engine.text.tokenizer import ByteTokenizer
 from tests.conftest import make_model, reference_greedy
 
 TOK = ByteTokenizer()

@@ -101,9 +101,9 @@ def test_non_streamed_request_is_cancelled_when_the_client_hangs_up(url):
 
 def test_not_ready_answers_503(checkpoint):
     """Before the engine thread runs (model loading, warm-up), probes and generation say 503."""
-    from engine.chat import ChatTemplate
+    from engine.text.chat import ChatTemplate
     from engine.checkpoint import load_model
-    from engine.scheduler import Engine
+    from engine.loop.scheduler import Engine
     from server.app import ServerConfig, create_app
 
     loaded = load_model(checkpoint)
@@ -161,7 +161,7 @@ def test_chat_reuses_the_state_of_an_earlier_turn():
         assert r.status_code == 200, r.text
         return r.json()
 
-    from engine.tokenizer import ByteTokenizer
+    from engine.text.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     first = [{"role": "user", "content": "What is a module?"}]

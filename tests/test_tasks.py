@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.train import tasks
+from engine import tasks
 
 
 @pytest.mark.parametrize("kind", tasks.KINDS)

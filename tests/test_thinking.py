@@ -8,13 +8,13 @@ import threading
 import pytest
 import torch
 
-from engine.injection import effective_rate, inject
+from engine.loop.injection import effective_rate, inject
 from engine.models.planner_net import PlannerNet
 from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine
+from engine.loop.scheduler import Engine
 from engine.thinking import PlanJob, StateDelta, ThinkParams, ThoughtEvent
-from engine.tokenizer import ByteTokenizer
+from engine.text.tokenizer import ByteTokenizer
 from planner.planner import Planner
 from planner.simulators import BackboneSimulator
 from tests.conftest import make_model

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, load_tokenizer
+from engine.text.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, load_tokenizer
 
 tok = ByteTokenizer()
 

@@ -42,7 +42,7 @@ def test_pipeline_then_eval_then_serve(tmp_path):
     run_cli("pipeline", "--config", str(config))  # a finished pipeline started again keeps what it made
     assert all(p.read_bytes() == before for p, before in finished.items())
 
-    run_cli("--config", str(config), module="planner.evaluate")
+    run_cli("--config", str(config), module="planner.offline.evaluate")
     report = json.loads((run / "eval.json").read_text())
     tasks_report = report["heldout_tasks"]
     assert tasks_report["problems"] == 16 and 0 <= tasks_report["accuracy_off"] <= 1

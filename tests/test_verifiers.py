@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from engine.thinking import PlanJob, ThinkParams
-from engine.tokenizer import ByteTokenizer
-from engine.train import tasks
+from engine.text.tokenizer import ByteTokenizer
+from engine import tasks
 from planner.verifiers import VERIFIERS, VerifierError, answer_reward, compile_pattern, get_verifier, verdict
 from server.schemas import ThinkOptions, ThinkRequest
 

@@ -108,7 +108,7 @@ project() {
   pip --no-deps --no-build-isolation --no-index --target "$site" "$src"
   # The server must import with what was installed (no test or dev packages),
   # from outside the source tree so that the installed copy is the one found.
-  (cd / && "$python" -c "import server.cli, server.healthcheck, engine.scheduler, planner.pool")
+  (cd / && "$python" -c "import server.cli, server.healthcheck, engine.loop.scheduler, planner.pool")
   echo "installed crsm-serve into $site"
 }
 

@@ -73,7 +73,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 class DirectorySessionStore:
-    persistent = True  # writes are fsynced files: the engine writes behind (engine/writeback.py)
+    persistent = True  # writes are fsynced files: the engine writes behind (engine/loop/writeback.py)
 
     def __init__(self, root: str | Path, *, shape: StateShape, model_id: str, device: torch.device | str | None = None,
                  max_bytes: int = 1 << 30, ttl_seconds: float = 3600.0,

@@ -45,7 +45,7 @@ T = TypeVar("T")
 
 
 class RedisSessionStore:
-    persistent = True  # writes are network round trips: the engine writes behind (engine/writeback.py)
+    persistent = True  # writes are network round trips: the engine writes behind (engine/loop/writeback.py)
 
     def __init__(self, url: str, *, shape: StateShape, model_id: str, device: torch.device | str | None = None,
                  max_bytes: int = 1 << 30, ttl_seconds: float = 3600.0,

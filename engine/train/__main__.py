@@ -7,7 +7,7 @@ state when run again. Run ``backbone`` under ``torchrun --nproc_per_node N``
 for DDP (gloo on CPU, nccl on CUDA).
 
 The ``eval`` section of the same file is read by the planner-in-the-loop
-evaluation, ``python -m planner.evaluate --config FILE`` (``make eval``): it
+evaluation, ``python -m planner.offline.evaluate --config FILE`` (``make eval``): it
 runs a planner, and the engine never depends on the planner.
 """
 

@@ -6,7 +6,7 @@ loss-curve PNG, resumable (see :mod:`engine.train.common`).
 
 Each batch row is a window of the text corpus, or, with probability
 ``task_fraction``, a window of the stream of generated training problems
-(:mod:`engine.train.tasks`), so the model learns to answer them and the
+(:mod:`engine.tasks`), so the model learns to answer them and the
 later stages have something checkable. Under ``torchrun`` every rank draws the
 same global batch (one seed) and trains on its own rows, so N processes
 compute what one process does on the whole batch.
@@ -28,8 +28,8 @@ from tqdm import tqdm
 from engine.checkpoint import MANIFEST, save_checkpoint
 from engine.config import MambaConfig
 from engine.models import MambaLMHeadModel
-from engine.tokenizer import ByteTokenizer
-from engine.train import tasks
+from engine.text.tokenizer import ByteTokenizer
+from engine import tasks
 from engine.train.common import (
     Dist,
     Metrics,

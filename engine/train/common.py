@@ -34,7 +34,7 @@ from engine.runtime import keep_freed_memory
 
 C = TypeVar("C")
 S = TypeVar("S", bound="StageConfig")
-STAGES = ("backbone", "dynamics", "assemble", "value", "eval")  # sections of a pipeline config (eval: planner.evaluate)
+STAGES = ("backbone", "dynamics", "assemble", "value", "eval")  # sections of a pipeline config (eval: planner.offline.evaluate)
 INHERITED = ("out_dir", "seed", "threads", "data_dir")  # top-level keys of a pipeline config every stage shares
 
 

@@ -25,7 +25,7 @@ import torch
 
 from engine.models import MambaLMHeadModel
 from engine.models.planner_net import PlannerNet
-from engine.train import tasks
+from engine import tasks
 
 
 @dataclass

@@ -19,7 +19,7 @@ from engine.sampling import SampleOutput, sample
 from engine.state import MambaState
 
 if TYPE_CHECKING:
-    from engine.sequence import ActiveSequence
+    from engine.loop.sequence import ActiveSequence
 
 
 class DecodeBatch:

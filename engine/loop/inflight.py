@@ -1,6 +1,6 @@
 """Where the engine's requests sit: the one place that knows every container and moves sequences between them.
 
-A sequence's :class:`~engine.sequence.Phase` says which container holds it:
+A sequence's :class:`~engine.loop.sequence.Phase` says which container holds it:
 the inbox (submitted from any thread, guarded by :attr:`InFlight.wake`), the
 waiting queue, the prefilling list, the decode batch, or the paused list
 (thinking sequences waiting for a plan). Cancellation, failure and shutdown
@@ -13,8 +13,8 @@ from __future__ import annotations
 import collections
 import threading
 
-from engine.batch import DecodeBatch
-from engine.sequence import ActiveSequence, Phase
+from engine.loop.batch import DecodeBatch
+from engine.loop.sequence import ActiveSequence, Phase
 from engine.state import MambaState
 
 

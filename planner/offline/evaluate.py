@@ -1,6 +1,6 @@
 """The planner-in-the-loop evaluation: held-out bits per byte and task accuracy, planner off and on.
 
-``python -m planner.evaluate --config configs/default.json`` (``make eval``)
+``python -m planner.offline.evaluate --config configs/default.json`` (``make eval``)
 reads the ``eval`` section of the training config, evaluates
 ``<out_dir>/checkpoint`` and writes ``<out_dir>/eval.json``. Same prompts and
 seeds in every arm. It runs the engine with a planner, so it lives here, not
@@ -12,13 +12,13 @@ in :mod:`engine.train` (which imports engine only).
   With the planner on, every ``plan_every`` steps a search runs from each
   window's state (all windows' trees in one batched
   :meth:`planner.planner.Planner.run`), and its delta lands ``deliberation_lag``
-  steps later through :func:`engine.injection.land`, the engine's own rule.
+  steps later through :func:`engine.loop.injection.land`, the engine's own rule.
   Both arms read the same bytes through the same loop, so the only difference
   is what the injections did. Per-window differences give a bootstrap
   confidence interval. Only the arms in ``text_arms`` read text (a verifier
   has no answer to check there).
 - **Task accuracy** on held-out generated problems, greedy, through the real
-  :class:`engine.scheduler.Engine` (continuous batching, bounded lag). The
+  :class:`engine.loop.scheduler.Engine` (continuous batching, bounded lag). The
   planner runs in the engine thread (:class:`InlinePlanner`), so a delta
   always lands at exactly its lag and a run is reproducible; the server runs
   the same search in worker processes. Each think setting of ``arms`` is
@@ -50,18 +50,18 @@ import torch
 import torch.nn.functional as F
 
 from engine.checkpoint import load_model
-from engine.injection import land
+from engine.loop.injection import land
 from engine.models import MambaLMHeadModel
 from engine.models.planner_net import load_planner
 from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.scheduler import Engine
+from engine.loop.scheduler import Engine
 from engine.thinking import PlanDropped, PlanJob, StateDelta, ThinkParams
-from engine.tokenizer import ByteTokenizer
-from engine.train import tasks
+from engine.text.tokenizer import ByteTokenizer
+from engine import tasks
 from engine.train.common import StageConfig
 from engine.train.data import load_split, sample_windows
-from planner.calibrate import load_calibration
+from planner.calibration import load_calibration
 from planner.planner import Planner
 from planner.simulators import Simulator, choose_simulator, make_simulator
 from planner.tree import Calibration
@@ -338,7 +338,7 @@ def run(cfg: EvalConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m planner.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m planner.offline.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True,
                         help="pipeline JSON (reads its eval section) or a flat file of EvalConfig's fields")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.tokenizer import ByteTokenizer, Tokenizer
+from engine.text.tokenizer import ByteTokenizer, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 

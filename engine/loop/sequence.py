@@ -14,16 +14,16 @@ import time
 
 import torch
 
-from engine.deliberation import PlanState
+from engine.loop.deliberation import PlanState
 from engine.requests import FinishEvent, RequestHandle, TokenEvent, Usage
 from engine.sessions import Session
 from engine.state import MambaState
-from engine.stops import StopMatcher
-from engine.tokenizer import IncrementalDecoder, Tokenizer
+from engine.text.stops import StopMatcher
+from engine.text.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class Phase(enum.Enum):
-    """Where a sequence sits; :meth:`engine.scheduler.Engine._in_flight` knows the container of each."""
+    """Where a sequence sits; :meth:`engine.loop.scheduler.Engine._in_flight` knows the container of each."""
 
     QUEUED = "queued"  # submitted, in the engine's inbox
     WAITING = "waiting"  # on the engine thread, waiting for a batch slot

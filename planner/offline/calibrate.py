@@ -11,7 +11,7 @@ complete). The fit is plain logistic regression (Newton's method, a small L2
 penalty), stored as ``calibration`` in the checkpoint's ``planner.json``
 (and the manifest updated), which the planner workers read at start.
 
-    python -m planner.calibrate --checkpoint checkpoints/default --problems 200
+    python -m planner.offline.calibrate --checkpoint checkpoints/default --problems 200
 
 Reported: the held-out problems' count, the examples, the log loss before
 (the uncalibrated formula) and after, and the reliability table (stated vs
@@ -29,21 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from planner.calibration import KEY, PLANNER_JSON
 from planner.tree import Calibration
 
-PLANNER_JSON = "planner.json"
-KEY = "calibration"
 SEED = 2027  # problems drawn apart from make eval's (seed + 11)
-
-
-def load_calibration(checkpoint: str | Path) -> Calibration | None:
-    """The calibration stored in ``checkpoint``'s ``planner.json``, or None (uncalibrated)."""
-    path = Path(checkpoint) / PLANNER_JSON
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-        return Calibration.from_dict(body[KEY]) if KEY in body else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 50) -> np.ndarray:
@@ -109,10 +98,10 @@ def examples(checkpoint: str, count: int, verifier: str | None, seed: int = SEED
     from engine.models.planner_net import load_planner
     from engine.requests import GenerationRequest, TokenEvent
     from engine.sampling import SamplingParams
-    from engine.scheduler import Engine
+    from engine.loop.scheduler import Engine
     from engine.thinking import ThinkParams, ThoughtEvent
-    from engine.tokenizer import ByteTokenizer
-    from engine.train import tasks
+    from engine.text.tokenizer import ByteTokenizer
+    from engine import tasks
     from planner.planner import Planner
     from planner.simulators import BackboneSimulator
 
@@ -192,7 +181,7 @@ def store(checkpoint: str | Path, calibration: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m planner.calibrate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m planner.offline.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="checkpoints/default")
     parser.add_argument("--problems", type=int, default=200, help="held-out problems per arm")

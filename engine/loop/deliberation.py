@@ -7,7 +7,7 @@ token is a decode step a plan can land on; it posts a
 before that first choice (steps: see :mod:`engine.thinking`). The
 planner's answers arrive on any thread through :meth:`Deliberation.post_result`
 and are sorted to their sequences before each decode step; a delta that is
-due is landed (gated injection, :func:`engine.injection.land`) on the
+due is landed (gated injection, :func:`engine.loop.injection.land`) on the
 sequence's SSM state just before the step that reads it. Bounded lag: a
 sequence whose due plan has not answered leaves the batch (the engine pauses
 it) until the plan answers or its wait runs out; the others keep decoding.
@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from engine.injection import land
+from engine.loop.injection import land
 from engine.requests import EngineObserver, RequestHandle
 from engine.state import MambaState
 from engine.thinking import PlanDropped, PlanJob, PlannerLink, StateDelta, ThinkTotals, ThoughtEvent
 
 if TYPE_CHECKING:
-    from engine.sequence import ActiveSequence
+    from engine.loop.sequence import ActiveSequence
 
 
 @dataclass

@@ -11,16 +11,16 @@ loop never runs torch. Each loop iteration
    sequences still prefilling, as one right-padded batch (a long prompt is
    fed over several iterations and does not freeze the streams);
 3. decodes one token for every sequence past its prompt, as one batch
-   (:mod:`engine.batch`);
+   (:mod:`engine.loop.batch`);
 4. retires finished and cancelled sequences: their final event goes out,
    their state goes back to their session (or the prefix cache) and the
    session's lease is released.
 
-Where each request sits is :mod:`engine.inflight`'s job. The engine owns a
+Where each request sits is :mod:`engine.loop.inflight`'s job. The engine owns a
 session's lease for the whole request: :meth:`Engine.submit` takes it and
 :meth:`Engine._retire` (the one way out, whatever the ending) gives it back.
 Requests that think exchange plans and deltas with a planner
-(:mod:`engine.deliberation`). A failure caused by one request ends that
+(:mod:`engine.loop.deliberation`). A failure caused by one request ends that
 request alone (rows are retried apart where they are independent).
 """
 
@@ -35,10 +35,10 @@ from functools import partial
 
 import torch
 
-from engine.batch import DecodeBatch, prefill_rows, sample_rows
-from engine.deliberation import Deliberation, held
-from engine.inflight import InFlight
-from engine.injection import DEFAULT_MAX_NORM
+from engine.loop.batch import DecodeBatch, prefill_rows, sample_rows
+from engine.loop.deliberation import Deliberation, held
+from engine.loop.inflight import InFlight
+from engine.loop.injection import DEFAULT_MAX_NORM
 from engine.models import MambaLMHeadModel
 from engine.requests import (
     ContextLengthExceeded,
@@ -52,12 +52,12 @@ from engine.requests import (
     check_request,
 )
 from engine.runtime import keep_freed_memory, share_the_gil_quickly
-from engine.sequence import ActiveSequence, Phase
+from engine.loop.sequence import ActiveSequence, Phase
 from engine.sessions import PrefixCache, SessionBackend, SessionStore, start_state
 from engine.state import MambaState
 from engine.thinking import PlanDropped, PlannerLink, StateDelta
-from engine.tokenizer import Tokenizer
-from engine.writeback import WriteBehind
+from engine.text.tokenizer import Tokenizer
+from engine.loop.writeback import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Engine:
         self.vocab = model.config.vocab_size
         self.eos_id = tokenizer.eos_id
         self._outbox = Outbox()
-        # persistent stores write on their own thread (engine/writeback.py), handed over at each flush
+        # persistent stores write on their own thread (engine/loop/writeback.py), handed over at each flush
         self._writer = WriteBehind() if getattr(self.sessions, "persistent", False) else None
         self._writes: list[Callable[[Outbox], None]] = []
         self._deliberation = Deliberation(self.observer, self._outbox.emit, max_state_norm)
@@ -249,7 +249,7 @@ class Engine:
     def _prefill_some(self) -> int:
         """Feed up to ``prefill_chunk`` prompt tokens, oldest sequences first, as one batch.
 
-        A thinking sequence keeps its last prompt token back (:func:`engine.deliberation.held`): it joins the
+        A thinking sequence keeps its last prompt token back (:func:`engine.loop.deliberation.held`): it joins the
         decode batch with that token pending, so a plan can land on the step that chooses its first token.
         """
         budget = self.prefill_chunk

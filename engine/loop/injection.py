@@ -86,7 +86,7 @@ def land(h: Tensor, delta: StateDelta, taken: Sequence[int], realised_lag: int, 
     The node the sequence reached is looked up in the delta's tree; its
     change is blended in, gated by its confidence (see the module doc), or
     the delta is dropped as stale or diverged. The engine and the offline
-    evaluation (:mod:`planner.evaluate`) both land deltas through here.
+    evaluation (:mod:`planner.offline.evaluate`) both land deltas through here.
     """
     found, branch = delta.lookup(taken) if realised_lag <= params.max_staleness else ("stale", None)
     if branch is None:
