@@ -17,6 +17,10 @@ trusts a stored answer), so it also checks problems it did not generate.
 Splits are fixed by a hash of the question, not by generation order: a
 question is held out when ``sha256(question) % 100 < HELD_OUT_PERCENT``, so
 no held-out question is ever trained on, whatever the seed or the count.
+
+Public, and light (numpy only): the training stages (:mod:`engine.train`)
+draw problems from it and the planner's verifiers (:mod:`planner.verifiers`)
+check answers with it, so serving never loads training code.
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 NAMES = ("Ann", "Bob", "Cal", "Dee", "Eve", "Fox", "Gus", "Ivy")
 THINGS = ("apples", "books", "coins", "cups", "pens", "stones")
 
-_ADD = re.compile(r"^(\d+)\+(\d+)=$")
-_SORT = re.compile(r"^sort((?: \d)+)$")
-_REVERSE = re.compile(r"^reverse ([a-z]+)$")
-_WORD = re.compile(r"^([A-Z][a-z]+) has (\d+) ([a-z]+) and (gets (\d+) more|gives away (\d+))\. How many \3\?$")
+# The question of each kind, as a pattern of its text (what :func:`solve` and :func:`kind_of` read).
+QUESTIONS: dict[str, re.Pattern[str]] = {
+    "add": re.compile(r"^(\d+)\+(\d+)=$"),
+    "sort": re.compile(r"^sort((?: \d)+)$"),
+    "reverse": re.compile(r"^reverse ([a-z]+)$"),
+    "word": re.compile(r"^([A-Z][a-z]+) has (\d+) ([a-z]+) and (gets (\d+) more|gives away (\d+))\. How many \3\?$"),
+}
 
 
 @dataclass(frozen=True)
@@ -56,15 +63,23 @@ class Problem:
 
 def solve(question: str) -> str | None:
     """The right answer to ``question``, computed from its text; None when it is not a task question."""
-    if m := _ADD.match(question):
+    if m := QUESTIONS["add"].match(question):
         return str(int(m[1]) + int(m[2]))
-    if m := _SORT.match(question):
+    if m := QUESTIONS["sort"].match(question):
         return " ".join(sorted(m[1].split()))
-    if m := _REVERSE.match(question):
+    if m := QUESTIONS["reverse"].match(question):
         return m[1][::-1]
-    if m := _WORD.match(question):
+    if m := QUESTIONS["word"].match(question):
         have = int(m[2])
         return str(have + int(m[5])) if m[5] is not None else str(have - int(m[6]))
+    return None
+
+
+def kind_of(question: str) -> str | None:
+    """The kind of a task question (one of :data:`KINDS`), or None when it is not one."""
+    for kind, pattern in QUESTIONS.items():
+        if pattern.match(question):
+            return kind
     return None
 
 

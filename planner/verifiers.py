@@ -70,19 +70,11 @@ def question_of(prompt: str) -> str | None:
 def _task(kind: str | None) -> Verifier:
     def check(prompt: str, answer: str) -> bool:
         question = question_of(prompt)
-        if question is None or (kind is not None and _kind_of(question) != kind):
+        if question is None or (kind is not None and tasks.kind_of(question) != kind):
             return False
         return tasks.verify(question, answer)
 
     return check
-
-
-def _kind_of(question: str) -> str | None:
-    for kind, pattern in (("add", tasks._ADD), ("sort", tasks._SORT), ("reverse", tasks._REVERSE),
-                          ("word", tasks._WORD)):
-        if pattern.match(question):
-            return kind
-    return None
 
 
 def _json(prompt: str, answer: str) -> bool:

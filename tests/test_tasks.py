@@ -11,8 +11,14 @@ from engine import tasks
 def test_generated_problems_verify_with_their_answer(kind):
     for p in tasks.problems(50, "train", seed=3, kinds=(kind,)):
         assert p.kind == kind and tasks.verify(p.question, p.answer)
+        assert tasks.kind_of(p.question) == kind
         assert tasks.verify(p.question, p.answer + "\nQ: anything after the newline is not the answer")
         assert tasks.verify(p.question, f"  {p.answer}  ")
+
+
+@pytest.mark.parametrize("text", ["", "47+38", "sort", "reverse Lamp", "Q: 47+38=", "hello"])
+def test_a_text_that_is_no_task_question_has_no_kind(text):
+    assert tasks.kind_of(text) is None and tasks.solve(text) is None
 
 
 @pytest.mark.parametrize("question, right", [
