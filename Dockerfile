@@ -13,7 +13,7 @@
 #   --build-arg PIP_EXTRA_INDEX_URL=... PIP_FIND_LINKS=... PIP_TRUSTED_HOST=...
 #   --build-arg PIP_CERT_PEM="$(cat proxy-ca.pem)"   # CA certificates pip trusts too
 #   --build-arg TORCH_INDEX_URL=        # empty: torch from pip's settings too
-# No secret belongs in a build argument (README, "Run with Docker", says how
+# No secret belongs in a build argument (docs/sessions-and-deploy.md, "Run with Docker", says how
 # to build behind a mirror that needs credentials).
 #
 # Layers: the dependencies are installed from pyproject.toml alone, before
