@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: serve test reliability loadtool bench bench-130m bench-planner bench-kernels bench-contention bench-resume bench-replicas loadtest train eval dashboard docker docker-cuda docker-test compose venv clean
+.PHONY: serve test typecheck reliability loadtool bench bench-130m bench-planner bench-kernels bench-contention bench-resume bench-replicas loadtest train eval dashboard docker docker-cuda docker-test compose venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The type gate alone (tests/test_types.py runs it inside `make test`): mypy as configured in pyproject.toml.
+typecheck: $(STAMP)
+	$(PY) -m mypy
 
 # The longer reliability run (generated requests over the document, minutes of mixed load, a storm of hang-ups).
 reliability: $(STAMP)
@@ -81,7 +85,7 @@ eval: $(STAMP)
 dashboard: $(STAMP)
 	$(PY) -m loadtest.dashboard_png --live --out deploy/dashboard.png
 
-# Where a container engine runs (README, "Run with Docker"). pip's settings go in as build arguments:
+# Where a container engine runs (docs/sessions-and-deploy.md, "Run with Docker"). pip's settings go in as build arguments:
 #   make docker DOCKER_BUILD_ARGS="--build-arg PIP_INDEX_URL=https://mirror.example/simple"
 docker:
 	docker build $(DOCKER_BUILD_ARGS) -t crsm-serve:cpu .

@@ -37,7 +37,7 @@ nothing on the serving path does that).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from engine.ops import cpu_fused
+
+if TYPE_CHECKING:
+    from engine.models.mamba_lm import MambaLMHeadModel
 
 MODES = ("none", "bf16", "int8")
 INT8_GEMV_ROWS = 16  # rows up to which the int8 kernel runs; above, a bf16 matmul over widened weights (measured)
@@ -60,7 +63,8 @@ class QuantizedWeight(Tensor):
     """
 
     data_q: Tensor
-    scales: Tensor | None
+    scales: Tensor | None  # int8: per-row float32 scales; bf16: None
+    unit_scales: Tensor | None  # int8: bf16 ones for torch's int8 kernel; bf16: None
     kind: str
 
     @staticmethod
@@ -72,11 +76,14 @@ class QuantizedWeight(Tensor):
         out.unit_scales = None if scales is None else torch.ones_like(scales, dtype=torch.bfloat16)
         return out
 
-    def __repr__(self) -> str:  # the default repr would dequantize through __torch_dispatch__
+    # The ignore: mypy treats a dunder method's parameters as positional-only, which leaves untyped Tensor.__repr__'s
+    # keyword-only ``tensor_contents`` nameless, so no override signature matches it (not even ``**kwargs``).
+    def __repr__(self) -> str:  # type: ignore[override]  # the default repr would dequantize through __torch_dispatch__
         return f"QuantizedWeight({self.kind}, shape={tuple(self.shape)})"
 
     def dequantize(self) -> Tensor:
         if self.kind == "int8":
+            assert self.scales is not None  # int8 weights always carry their scales
             return self.data_q.float() * self.scales.unsqueeze(1)
         return self.data_q.float()
 
@@ -103,6 +110,7 @@ class QuantizedWeight(Tensor):
             out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.data_q, self.unit_scales)
             out = out.float() * self.scales
         else:
+            assert self.scales is not None  # int8 (bf16 took the first branch): scales are set
             out = F.linear(x2, self.data_q.to(torch.bfloat16)).float() * self.scales
         if bias is not None:
             out = out + bias
@@ -149,7 +157,13 @@ def quantize_weight(weight: Tensor, kind: str) -> QuantizedWeight:
 class QuantizedLinear(nn.Module):
     """Drop-in for ``nn.Linear`` at inference: ``weight`` is a :class:`QuantizedWeight`, ``bias`` stays float."""
 
-    def __init__(self, linear: nn.Linear, kind: str):
+    in_features: int
+    out_features: int
+    weight: QuantizedWeight
+    bias: nn.Parameter | None
+
+    # A QuantizedLinear given (quantize_model run twice) is re-quantized from its dequantized weight.
+    def __init__(self, linear: nn.Linear | QuantizedLinear, kind: str):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.kind = kind
@@ -176,7 +190,7 @@ def check_mode(mode: str | None) -> str:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+def quantize_model(model: MambaLMHeadModel, mode: str) -> MambaLMHeadModel:
     """Swap the linear layers of a Mamba LM for ``mode`` ones in place; returns the model.
 
     ``mode`` "none" leaves it untouched. CPU only (the kernels are CPU ones), float32
@@ -212,7 +226,7 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     return total
 
 
-def describe(model: nn.Module) -> dict[str, Any]:
+def describe(model: MambaLMHeadModel) -> dict[str, Any]:
     """Which tensors run in which precision (for logs and the benchmark's record)."""
     kinds = {type(m).__name__ + ":" + getattr(m, "kind", str(getattr(m, "weight", torch.empty(0)).dtype))
              for m in model.modules() if isinstance(m, (nn.Linear, QuantizedLinear))}

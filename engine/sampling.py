@@ -128,6 +128,7 @@ def sample(
         else:
             noise = torch.empty_like(probs).exponential_()  # rows without a private generator share the default
         for i in own:
+            assert generators is not None  # own is empty without them
             noise[i].exponential_(generator=generators[i])
         sampled = torch.argmax(probs / noise, dim=-1)
         chosen = torch.where(greedy, chosen, sampled)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from torch import Tensor
 
@@ -59,7 +59,8 @@ class ThinkParams:
     decay: float = 1.0  # a_eff is multiplied by decay ** realised_lag
     trust_region: float = 0.5  # ||change|| <= trust_region * max(||h||, 1) per layer
     wait: bool = True  # bounded lag: at apply_at the sequence waits for its plan (the others go on)
-    delta: str = "decision"  # "decision": make the search's choice win the step; "child": the old best-child state
+    delta: Literal["decision", "child"] = "decision"  # "decision": make the search's choice win the step;
+    #                                                  "child": the old best-child state
     verifier: str | None = None  # a planner.verifiers name: the reward where a branch ends the answer
     verifier_pattern: str | None = None  # the pattern of the "regex" verifier
 
@@ -155,8 +156,8 @@ class ThinkTotals:
     plans: int = 0
     simulations: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
-    verifier: str | None = None  # set by the server at finish when the request named a verifier
-    verified: bool | None = None  # that verifier's verdict on the final answer
+    verifier: str | None = None  # set by the engine at finish when the request named a verifier
+    verified: bool | None = None  # that verifier's verdict on the final answer (the planner link's ``judge``)
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
@@ -175,6 +176,10 @@ class PlannerLink(Protocol):
     the engine's ``post_result`` (where results go, callable from any thread),
     so a pool and an engine are built independently and joined afterwards.
     ``submit`` and ``discard`` come from the engine thread and must not block.
+    ``judge`` too, once per request that names a verifier, as it ends: the
+    verifier's verdict on the final answer (the text the client received,
+    without the stop string), which the final event carries in
+    ``usage.think``; the engine knows no verifier itself.
     """
 
     def connect(self, deliver: Callable[[StateDelta | PlanDropped], None]) -> None: ...
@@ -182,5 +187,7 @@ class PlannerLink(Protocol):
     def submit(self, job: PlanJob) -> None: ...
 
     def discard(self, request_id: Hashable) -> None: ...
+
+    def judge(self, params: ThinkParams, prompt: str, answer: str) -> bool | None: ...
 
 

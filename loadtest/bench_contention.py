@@ -91,8 +91,8 @@ def engine_process(checkpoint: str, policy: str) -> None:
     else:
         os.environ.update(env)
     from engine.checkpoint import load_model
-    from engine.runtime import engine_threads, set_threads
     from engine.loop.scheduler import Engine
+    from engine.runtime import engine_threads, set_threads
 
     set_threads(engine_threads(planner_threads=0) if threads is None else threads)
     import torch

@@ -32,14 +32,14 @@ import torch
 
 from engine.checkpoint import load_model
 from engine.config import MambaConfig
+from engine.loop.scheduler import Engine
 from engine.models import MambaLMHeadModel
 from engine.models.planner_net import PlannerNet, load_planner
 from engine.requests import GenerationRequest, TokenEvent
 from engine.runtime import engine_threads, set_threads
 from engine.sampling import SamplingParams
-from engine.loop.scheduler import Engine
-from engine.thinking import ThinkParams
 from engine.text.tokenizer import ByteTokenizer
+from engine.thinking import ThinkParams
 from planner.pool import PlannerPool
 from planner.search import SearchConfig, search
 from planner.simulators import BackboneSimulator, LatentSimulator

@@ -159,8 +159,8 @@ async def sse_vs_engine(checkpoint: Path, urls: dict[str, str], prompt: str, str
     and is dropped.
     """
     from engine.checkpoint import load_model
-    from engine.runtime import engine_threads, set_threads
     from engine.loop.scheduler import Engine
+    from engine.runtime import engine_threads, set_threads
 
     set_threads(engine_threads(planner_threads=0))
     loaded = load_model(checkpoint, quantize=quantize)

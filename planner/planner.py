@@ -28,8 +28,8 @@ import torch
 
 from engine.models import MambaLMHeadModel
 from engine.state import MambaState
-from engine.thinking import PlanJob, StateDelta
 from engine.text.tokenizer import ByteTokenizer, Tokenizer
+from engine.thinking import PlanJob, StateDelta
 from planner.decision import decision_deltas
 from planner.search import SearchConfig, best_path, search
 from planner.simulators import BackboneSimulator, Simulator, ssm_part
@@ -49,6 +49,13 @@ def _reused_visits(tree: Tree, prefix: list[int]) -> int:
     """
     node = tree.follow(prefix)
     return 0 if node is None else node.visits - 1
+
+
+def _best_child(node: Node) -> Node:
+    """A branch node's most visited child (a branch node has visited children: :meth:`Planner._branches`)."""
+    best = node.best_child()
+    assert best is not None
+    return best
 
 
 @dataclass
@@ -152,7 +159,7 @@ class Planner:
         """Fill every job's branch changes (decision deltas in one batched call); the mode of each."""
         part = ssm_part(self.simulator)
         shape = trees[0].store[part].shape
-        modes = []
+        modes: list[str] = []
         for job, tree, br in zip(jobs, trees, found):
             mode = job.params.delta if self.model is not None else "child"
             modes.append(mode)
@@ -160,7 +167,7 @@ class Planner:
                 br.changes = torch.zeros(0, shape[0], *shape[2:])
             elif mode == "child":
                 idx = torch.tensor([n.row for n in br.inner])
-                best = torch.tensor([n.best_child().row for n in br.inner])
+                best = torch.tensor([_best_child(n).row for n in br.inner])
                 store = tree.store[part]
                 br.changes = (store.index_select(1, best) - store.index_select(1, idx)).transpose(0, 1).float()
         wanted = [(job, tree, br) for job, tree, br, mode in zip(jobs, trees, found, modes)
@@ -169,8 +176,9 @@ class Planner:
             return modes
         convs, ssms = zip(*(self._parent_states(job, tree, br) for job, tree, br in wanted))
         tokens = torch.tensor([n.token for _, _, br in wanted for n in br.inner])
-        targets = torch.tensor([n.best_child().token for _, _, br in wanted for n in br.inner])
+        targets = torch.tensor([_best_child(n).token for _, _, br in wanted for n in br.inner])
         regions = torch.tensor([job.params.trust_region for job, _, br in wanted for _ in br.inner])  # per row
+        assert self.model is not None  # a "decision" mode needs the model (else every mode is "child")
         decision = decision_deltas(self.model, torch.cat(convs, dim=1), torch.cat(ssms, dim=1), tokens, targets,
                                    regions)
         first = 0
@@ -182,8 +190,13 @@ class Planner:
     def _parent_states(self, job: PlanJob, tree: Tree, br: _Branches) -> tuple[torch.Tensor, torch.Tensor]:
         """(conv, ssm), each (n_layer, M, ...): the state each branch node's token is fed into."""
         if isinstance(self.simulator, BackboneSimulator):
-            conv, ssm = tree.gather([n.parent.row for n in br.inner])
+            rows = []
+            for n in br.inner:
+                assert n.parent is not None  # below the pending token (the forced first move): never the root
+                rows.append(n.parent.row)
+            conv, ssm = tree.gather(rows)
             return conv, ssm
+        assert self.model is not None  # only "decision" branches get here (see _changes)
         states = []  # the dynamics hold no conv state: replay the backbone from the job's real state
         for key in br.keys:
             state = job.state.clone()

@@ -28,6 +28,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from engine.thinking import PlanDropped, PlanJob, StateDelta
+from planner.verifiers import judge
 from planner.worker import WorkerSpec, delta_from_wire, job_to_wire, worker_main
 
 log = logging.getLogger(__name__)
@@ -167,15 +168,21 @@ class PlannerPool:
 
     def submit(self, job: PlanJob) -> None:
         try:
+            if self._loop is None:
+                raise RuntimeError("not started")
             self._loop.call_soon_threadsafe(self._enqueue, job)
-        except (AttributeError, RuntimeError):  # not started, or its event loop is gone: answer at once
+        except RuntimeError:  # not started, or its event loop is gone: answer at once
             self.post(PlanDropped(job.request_id, job.planned_at, "error", "the planner pool is not running"))
 
     def discard(self, request_id: Hashable) -> None:
+        if self._loop is None:
+            return
         try:
             self._loop.call_soon_threadsafe(self._discard, request_id)
-        except (AttributeError, RuntimeError):
+        except RuntimeError:  # its event loop is gone
             pass
+
+    judge = staticmethod(judge)  # the final answer's verdict, on the engine thread: the checkers are bounded
 
     # Queueing (event loop) ---------------------------------------------------
     def _shard(self, request_id: Hashable) -> _Shard:
@@ -236,12 +243,14 @@ class PlannerPool:
     async def _run(self, shard: _Shard, batch: list[PlanJob], forget: list[Hashable]) -> None:
         timeout = max(j.params.time_budget_ms for j in batch) / 1000.0 * self.hang_factor + self.hang_grace_s
         started = time.monotonic()
+        process = shard.process
+        assert process is not None, "a shard runs jobs only once its worker has started"
         try:
             wire = [job_to_wire(j) for j in batch]
-            kind, payload = await asyncio.to_thread(shard.process.call, ("plan", wire, forget), timeout)
+            kind, payload = await asyncio.to_thread(process.call, ("plan", wire, forget), timeout)
         except WorkerFailed as exc:
             log.warning("planner worker replaced: %s", exc)
-            process, shard.process = shard.process, None
+            shard.process = None
             shard.restarts += 1
             await asyncio.to_thread(process.kill)
             for job in batch:

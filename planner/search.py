@@ -140,7 +140,9 @@ def prepare_prefix(trees: list[Tree], prefixes: list[list[int]], simulator: Simu
         moved = False
         for tree, prefix in zip(trees, prefixes):
             if depth < len(prefix):
-                tree.search_root = tree.search_root.child_for(prefix[depth])
+                child = tree.search_root.child_for(prefix[depth])
+                assert child is not None  # expanded above where it was missing
+                tree.search_root = child
                 moved = True
         if not moved:
             return spent

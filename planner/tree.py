@@ -250,9 +250,10 @@ class Tree:
     def follow(self, tokens: Sequence[int], start: Node | None = None) -> Node | None:
         node = start or self.root
         for tok in tokens:
-            node = node.child_for(tok)
-            if node is None:
+            child = node.child_for(tok)
+            if child is None:
                 return None
+            node = child
         return node
 
     def advance(self, tokens: Sequence[int], states: tuple[Tensor, ...], root_value: float) -> bool:

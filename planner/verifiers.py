@@ -4,8 +4,9 @@ A verifier gets the prompt text and the answer text (what was generated up
 to, not including, the stop string or EOS that ended it) and says whether
 the answer is right. ``think: {"verifier": NAME}`` makes the search score a
 branch that reaches the end of the answer +1 (accepted) or -1 (rejected)
-instead of asking the value head; the server reports the verdict on the
-final answer in ``usage.think``.
+instead of asking the value head; the engine asks for the verdict on the
+final answer as the request ends (:func:`judge`, through its planner link)
+and the final event carries it in ``usage.think``.
 
 - ``add``, ``sort``, ``reverse``, ``word``: the training tasks'
   (:mod:`engine.tasks`); the question is the prompt's last
@@ -31,9 +32,9 @@ from collections.abc import Callable
 
 import regex
 
-from engine.thinking import PlanJob
-from engine.text.tokenizer import Tokenizer
 from engine import tasks
+from engine.text.tokenizer import Tokenizer
+from engine.thinking import PlanJob, ThinkParams
 
 MAX_PATTERN_CHARS = 1000
 MAX_ANSWER_CHARS = 65536
@@ -131,8 +132,12 @@ def _regex(pattern: str | None) -> Verifier:
     return check
 
 
+def _of_kind(kind: str) -> Callable[[str | None], Verifier]:
+    return lambda pattern: _task(kind)
+
+
 VERIFIERS: dict[str, Callable[[str | None], Verifier]] = {
-    **{kind: (lambda pattern, kind=kind: _task(kind)) for kind in tasks.KINDS},
+    **{kind: _of_kind(kind) for kind in tasks.KINDS},
     "task": lambda pattern: _task(None),
     "json": lambda pattern: _json,
     "regex": _regex,
@@ -209,3 +214,9 @@ def verdict(name: str | None, pattern: str | None, prompt: str, answer: str) -> 
         return get_verifier(name, pattern)(prompt, answer)
     except VerifierError:
         return None
+
+
+def judge(params: ThinkParams, prompt: str, answer: str) -> bool | None:
+    """:meth:`engine.thinking.PlannerLink.judge`: the request's verifier on its final answer (every planner link
+    of this package answers with it)."""
+    return verdict(params.verifier, params.verifier_pattern, prompt, answer)

@@ -129,7 +129,7 @@ def serve(conn: Connection, planner, shape: StateShape) -> None:
             planner.forget(request_id)
         try:
             deltas = planner.run([job_from_wire(w, shape) for w in jobs])
-            reply = ("done", [delta_to_wire(d) for d in deltas])
+            reply: tuple[str, list[dict[str, Any]] | str] = ("done", [delta_to_wire(d) for d in deltas])
         except Exception as exc:  # a failing search is reported, the worker lives on
             log.warning("planner search failed: %s", traceback.format_exc())
             reply = ("error", f"{type(exc).__name__}: {exc}")

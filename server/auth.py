@@ -67,7 +67,7 @@ async def owner_of(request: Request, _: Annotated[HTTPAuthorizationCredentials |
     if not keys:
         return None
     key = presented_key(request)
-    if not key_matches(key, keys):
+    if key is None or not key_matches(key, keys):
         raise refusal("API key")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 

@@ -1,18 +1,24 @@
 """``python -m server`` / ``crsm-serve``: load a checkpoint and serve it.
 
 Every option can also be set through the environment variable named in its
-help (command-line flags win).
+help (command-line flags win). An option's default is read from the class that
+uses it (:func:`options`), so it is written once.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import inspect
 import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 QUANTIZE_MODES = ("none", "bf16", "int8")  # engine.quant.MODES (checked equal by tests/test_quant.py)
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
@@ -30,57 +36,90 @@ class Option:
         return "CRSM_" + self.flag.lstrip("-").replace("-", "_").upper()
 
 
-OPTIONS = [
-    Option("--checkpoint", str, str(DEFAULT_CHECKPOINT),
-           "checkpoint folder: ours, a mamba-ssm folder or a Hugging Face MambaForCausalLM folder (detected)"),
-    Option("--host", str, "127.0.0.1", "interface to bind (0.0.0.0 for all)"),
-    Option("--port", int, 8000, "TCP port"),
-    Option("--model-name", str, "", "name reported by /v1/models and expected in requests (default: folder name)"),
-    Option("--max-running", int, 32, "sequences decoded together at most (batch slots)"),
-    Option("--max-waiting", int, 128, "requests queued beyond the running ones before answering 429"),
-    Option("--prefill-chunk", int, 512, "prompt tokens prefilled per engine step, so long prompts do not stall streams"),
-    Option("--max-context", int, 32768, "tokens a sequence (session history + prompt + output) may reach"),
-    Option("--default-max-tokens", int, 256, "max_tokens when a request does not set it"),
-    Option("--session-bytes", int, 1 << 30, "byte budget of cached session states (LRU eviction past it)"),
-    Option("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
-    Option("--session-store", str, "memory",
-           "where sessions live: memory (this process), a directory path (survives restarts; one server per "
-           "directory) or redis://HOST:PORT/DB (shared by replicas)"),
-    Option("--session-lease-seconds", float, 15.0,
-           "with redis://: a session's lease expires this long after its holder stops renewing it (a replica "
-           "that died mid-request frees its session after this)"),
-    Option("--prefix-cache-bytes", int, 256 << 20, "byte budget of the automatic chat prefix cache"),
-    Option("--max-body-bytes", int, 8 << 20, "largest request body accepted (413 above it), counted as it arrives"),
-    Option("--header-timeout", float, 10.0,
-           "seconds a connection may take to send a request's headers; past it the connection is closed"),
-    Option("--body-timeout", float, 30.0,
-           "seconds a request body may take to arrive whole after its headers; past it 408 and the connection closed"),
-    Option("--sse-ping-seconds", float, 15.0,
-           "seconds between keep-alive comments on a quiet SSE stream (a /think waiting on its plan), for proxies"),
-    Option("--drain-timeout", float, 15.0,
-           "seconds requests in flight may still run after SIGTERM/SIGINT (new ones get 503); then they end with a "
-           "final event and the server exits 0; keep it below the container's stop grace period"),
-    Option("--api-key", str, "", "comma-separated API keys; when set, requests need 'Authorization: Bearer <key>'"),
-    Option("--api-keys-file", str, "", "file with one API key per line (added to --api-key)"),
-    Option("--metrics-api-key", str, "", "when set, /metrics needs 'Authorization: Bearer <this key>' "
-                                         "(the API keys do not open it)"),
-    Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
-    Option("--quantize", str, "none",
-           "weight-only linear layers over a float32 model: none, bf16 or int8 (per-channel); "
-           "state and scan stay float32"),
-    Option("--threads", int, 0,
-           "torch CPU threads of the engine (0: half the cores the planner workers leave, at least 1; see README, "
-           "Contention)"),
-    Option("--planner-workers", int, 1, "planner worker processes for requests that think (0: no planner)"),
-    Option("--planner-simulator", str, "auto",
-           "leaf simulator of the search: dynamics (learned), backbone (the model's own step) or auto (the dynamics "
-           "when the checkpoint has trained planner weights and it is timed >= 3x cheaper at start-up)"),
-    Option("--planner-threads", int, 1, "torch threads per planner worker"),
-    Option("--planner-nice", int, 10, "CPU niceness of planner workers, so decoding keeps its core"),
-    Option("--planner-max-batch", int, 8, "sessions whose trees a worker searches in one batch"),
-    Option("--planner-max-pending", int, 256, "plan jobs queued at most (the oldest is dropped past it)"),
-    Option("--log-level", str, "info", "log level: debug, info, warning, error"),
-]
+def default_of(owner: Callable[..., object], name: str) -> Any:
+    """The default of ``name`` where its owner declares it: a dataclass's field or a keyword of a function or class.
+
+    The options below take their defaults from the classes that use them (the engine, the stores, the planner
+    pool, the server's config), so each default is written once."""
+    if dataclasses.is_dataclass(owner):
+        return {f.name: f for f in dataclasses.fields(owner)}[name].default
+    return inspect.signature(owner).parameters[name].default
+
+
+@functools.cache
+def options() -> tuple[Option, ...]:
+    """Every option of the server. Building the list imports the classes that own the defaults, torch among them:
+    call it after :func:`configure_openmp` (OpenMP reads its settings once, when torch loads)."""
+    from engine.loop.scheduler import Engine
+    from engine.sessions import PrefixCache, open_session_store
+    from planner.pool import PlannerPool
+    from planner.worker import WorkerSpec
+    from server.limits import HEADER_TIMEOUT_SECONDS
+    from server.serving import ServerConfig
+
+    return (
+        Option("--checkpoint", str, str(DEFAULT_CHECKPOINT),
+               "checkpoint folder: ours, a mamba-ssm folder or a Hugging Face MambaForCausalLM folder (detected)"),
+        Option("--host", str, "127.0.0.1", "interface to bind (0.0.0.0 for all)"),
+        Option("--port", int, 8000, "TCP port"),
+        Option("--model-name", str, "", "name reported by /v1/models and expected in requests (default: folder name)"),
+        Option("--max-running", int, default_of(Engine, "max_running"), "sequences decoded together at most (batch slots)"),
+        Option("--max-waiting", int, default_of(Engine, "max_waiting"),
+               "requests queued beyond the running ones before answering 429"),
+        Option("--prefill-chunk", int, default_of(Engine, "prefill_chunk"),
+               "prompt tokens prefilled per engine step, so long prompts do not stall streams"),
+        Option("--max-context", int, default_of(Engine, "max_context"),
+               "tokens a sequence (session history + prompt + output) may reach"),
+        Option("--default-max-tokens", int, default_of(ServerConfig, "default_max_tokens"),
+               "max_tokens when a request does not set it"),
+        Option("--session-bytes", int, default_of(open_session_store, "max_bytes"),
+               "byte budget of cached session states (LRU eviction past it)"),
+        Option("--session-ttl", float, default_of(open_session_store, "ttl_seconds"), "seconds an idle session is kept"),
+        Option("--session-store", str, "memory",
+               "where sessions live: memory (this process), a directory path (survives restarts; one server per "
+               "directory) or redis://HOST:PORT/DB (shared by replicas)"),
+        Option("--session-lease-seconds", float, default_of(open_session_store, "lease_seconds"),
+               "with redis://: a session's lease expires this long after its holder stops renewing it (a replica "
+               "that died mid-request frees its session after this)"),
+        Option("--prefix-cache-bytes", int, default_of(PrefixCache, "max_bytes"),
+               "byte budget of the automatic chat prefix cache"),
+        Option("--max-body-bytes", int, default_of(ServerConfig, "max_body_bytes"),
+               "largest request body accepted (413 above it), counted as it arrives"),
+        Option("--header-timeout", float, HEADER_TIMEOUT_SECONDS,
+               "seconds a connection may take to send a request's headers; past it the connection is closed"),
+        Option("--body-timeout", float, default_of(ServerConfig, "body_timeout"),
+               "seconds a request body may take to arrive whole after its headers; past it 408 and the connection "
+               "closed"),
+        Option("--sse-ping-seconds", float, default_of(ServerConfig, "sse_ping_seconds"),
+               "seconds between keep-alive comments on a quiet SSE stream (a /think waiting on its plan), for proxies"),
+        Option("--drain-timeout", float, default_of(ServerConfig, "drain_timeout"),
+               "seconds requests in flight may still run after SIGTERM/SIGINT (new ones get 503); then they end with "
+               "a final event and the server exits 0; keep it below the container's stop grace period"),
+        Option("--api-key", str, "", "comma-separated API keys; when set, requests need 'Authorization: Bearer <key>'"),
+        Option("--api-keys-file", str, "", "file with one API key per line (added to --api-key)"),
+        Option("--metrics-api-key", str, "", "when set, /metrics needs 'Authorization: Bearer <this key>' "
+                                             "(the API keys do not open it)"),
+        Option("--dtype", str, "float32", "weights dtype: float32, bfloat16 or float16"),
+        Option("--quantize", str, "none",
+               "weight-only linear layers over a float32 model: none, bf16 or int8 (per-channel); "
+               "state and scan stay float32"),
+        Option("--threads", int, 0,
+               "torch CPU threads of the engine (0: half the cores the planner workers leave, at least 1; see "
+               "docs/performance.md, Contention)"),
+        Option("--planner-workers", int, default_of(PlannerPool, "workers"),
+               "planner worker processes for requests that think (0: no planner)"),
+        Option("--planner-simulator", str, default_of(WorkerSpec, "simulator"),
+               "leaf simulator of the search: dynamics (learned), backbone (the model's own step) or auto (the "
+               "dynamics when the checkpoint has trained planner weights and it is timed >= 3x cheaper at start-up)"),
+        Option("--planner-threads", int, default_of(WorkerSpec, "threads"), "torch threads per planner worker"),
+        Option("--planner-nice", int, default_of(WorkerSpec, "nice"),
+               "CPU niceness of planner workers, so decoding keeps its core"),
+        Option("--planner-max-batch", int, default_of(PlannerPool, "max_batch"),
+               "sessions whose trees a worker searches in one batch"),
+        Option("--planner-max-pending", int, default_of(PlannerPool, "max_pending"),
+               "plan jobs queued at most (the oldest is dropped past it)"),
+        Option("--log-level", str, "info", "log level: debug, info, warning, error"),
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="CRSM serve: OpenAI-compatible streaming server for Mamba models with cached session states.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for opt in OPTIONS:
+    for opt in options():
         raw = os.environ.get(opt.env)
         try:
             default = opt.type(raw) if raw is not None else opt.default
@@ -115,12 +154,12 @@ def load_api_keys(args: argparse.Namespace) -> frozenset[str]:
 
 def build(args: argparse.Namespace):
     """Load the model, start the engine, return (app, engine)."""
-    from engine.text.chat import ChatTemplate
     from engine.checkpoint import load_model
-    from engine.runtime import engine_threads, set_threads
     from engine.loop.scheduler import Engine
+    from engine.runtime import engine_threads, set_threads
     from engine.sessions import PrefixCache, open_session_store
     from engine.sessions.identity import model_identity
+    from engine.text.chat import ChatTemplate
     from server.app import ServerConfig, create_app
     from server.metrics import Metrics
 
@@ -172,7 +211,7 @@ def configure_openmp(environ=os.environ) -> None:
     threads spin; when another process holds one of the cores (a planner worker, another tenant), the thread
     that waits spins out its time slice while the one it waits for is not running, and a step slows down by
     10-40x instead of in proportion. Passive threads sleep and give the core back
-    (``loadtest/bench_contention.py``; README, "Contention").
+    (``loadtest/bench_contention.py``; docs/performance.md, "Contention").
     """
     for name, value in OPENMP_ENVIRONMENT.items():
         environ.setdefault(name, value)
@@ -217,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.drain_timeout < math.inf:
         print(f"error: --drain-timeout must be a number of seconds >= 0, not {args.drain_timeout}", file=sys.stderr)
         return 2
-    from engine.text.chat import ChatTemplateError
     from engine.checkpoint import CheckpointError
     from engine.sessions import SessionStoreUnavailable
     from engine.sessions.directory import StoreLocked
+    from engine.text.chat import ChatTemplateError
 
     try:
         app, _ = build(args)

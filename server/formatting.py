@@ -17,17 +17,20 @@ from typing import ClassVar
 from pydantic import BaseModel
 
 from engine.requests import FinishEvent, TokenEvent
-from engine.thinking import ThoughtEvent
 from engine.text.tokenizer import Tokenizer
+from engine.thinking import ThoughtEvent
 from server.responses import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatDelta,
+    ChatLogprobs,
     ChatResponseMessage,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
+    PromptTokensDetails,
     ThinkThought,
     ThinkUsage,
     Usage,
@@ -108,8 +111,8 @@ def finish_reason(event: FinishEvent) -> str:
 def usage_of(event: FinishEvent) -> Usage:
     u = event.usage
     return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
-                 prompt_tokens_details={"cached_tokens": u.cached_tokens},
-                 think=ThinkUsage(**u.think.as_dict()) if u.think is not None else None)
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens),
+                 think=ThinkUsage.model_validate(u.think.as_dict()) if u.think is not None else None)
 
 
 def thought_of(event: ThoughtEvent, rid: str, tokenizer: Tokenizer) -> ThinkThought:
@@ -169,7 +172,8 @@ class CompletionFormat(OpenAIFormat):
     prefix, chunk_model, text_path = "cmpl-", Completion, ("choices", 0, "text")
 
     def choice(self, text: str | None, logprobs: dict | None, reason: str | None) -> CompletionChoice:
-        return CompletionChoice(text=text or "", logprobs=logprobs, finish_reason=reason)
+        return CompletionChoice(text=text or "", finish_reason=reason,
+                                logprobs=None if logprobs is None else CompletionLogprobs.model_validate(logprobs))
 
     def logprobs(self, events: list[TokenEvent], offset: int) -> dict:
         tokens, lps, tops, offsets = [], [], [], []
@@ -185,14 +189,16 @@ class CompletionFormat(OpenAIFormat):
     def response(self, events: list[TokenEvent], final: FinishEvent, with_logprobs: bool) -> Completion:
         text = "".join(e.text for e in events) + final.text
         choice = self.choice(text, self.logprobs(events, 0) if with_logprobs else None, finish_reason(final))
-        return self.chunk([choice], usage_of(final))
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage_of(final),
+                          session_id=self.session_id)
 
 
 class ChatFormat(OpenAIFormat):
     prefix, chunk_model, text_path = "chatcmpl-", ChatCompletionChunk, ("choices", 0, "delta", "content")
 
     def choice(self, text: str | None, logprobs: dict | None, reason: str | None) -> ChatChunkChoice:
-        return ChatChunkChoice(delta=ChatDelta(content=text), logprobs=logprobs, finish_reason=reason)
+        return ChatChunkChoice(delta=ChatDelta(content=text), finish_reason=reason,
+                               logprobs=None if logprobs is None else ChatLogprobs.model_validate(logprobs))
 
     def head(self, usage: Usage | None = None) -> bytes:
         first = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""), logprobs=None, finish_reason=None)
@@ -208,7 +214,7 @@ class ChatFormat(OpenAIFormat):
 
     def response(self, events: list[TokenEvent], final: FinishEvent, with_logprobs: bool) -> ChatCompletion:
         message = ChatResponseMessage(content="".join(e.text for e in events) + final.text)
-        choice = ChatChoice(message=message, logprobs=self.logprobs(events, 0) if with_logprobs else None,
-                            finish_reason=finish_reason(final))
+        choice = ChatChoice(message=message, finish_reason=finish_reason(final),
+                            logprobs=ChatLogprobs.model_validate(self.logprobs(events, 0)) if with_logprobs else None)
         return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice],
                               usage=usage_of(final), session_id=self.session_id)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Served without a key by the middleware; whether they need one is their routes' business.
+HEADER_TIMEOUT_SECONDS = 10.0  # the default deadline on a request's headers (--header-timeout)
 UNPROTECTED_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
                                "/openapi.json"})
 
@@ -86,7 +87,7 @@ class _Exchange:
                 raise
             # The app failed on the disconnect it was handed after the middleware's own answer: nothing to add.
 
-    async def answer(self, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+    async def answer(self, status: int, message: str, code: str | None, headers: dict[str, str] | None = None) -> None:
         """Send an error answer of the middleware's own; past this point the app's messages are dropped."""
         self.answered = True
         response = JSONResponse(error_body(status, message, code=code), status_code=status, headers=headers)
@@ -152,7 +153,7 @@ class _HeaderTimeoutProtocol(H11Protocol):
     ``timeout_keep_alive`` bounds the idle connection. On expiry the transport is closed, without an answer.
     """
 
-    header_timeout: float = 10.0
+    header_timeout: float = HEADER_TIMEOUT_SECONDS
     on_header_timeout: Callable[[], None] = staticmethod(lambda: None)
 
     def __init__(self, *args, **kwargs):

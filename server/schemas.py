@@ -15,7 +15,7 @@ Hostile input is refused here, in one place, with a 400 naming the field:
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -96,6 +96,19 @@ def _shaped(what: str, text: Any = None, strings: Any = None, items: Any = None)
                                                    custom_error_message=f"Input should be {what}")]
 
 
+# The fields shaped by _shaped: plain unions for the type checker, the discriminated ones for pydantic.
+if TYPE_CHECKING:
+    Stops = str | list[str]
+    CompletionPrompt = str | list[int]  # as validated: a list of one string is that string (_one_prompt)
+    ThinkPrompt = str | list[int]
+else:
+    Stops = _shaped("a string or a list of strings", text=StopText,
+                    strings=Annotated[list[StopText], Field(max_length=MAX_STOPS)])
+    CompletionPrompt = _shaped("a string, a list of one string or a list of token ids", text=Text,
+                               strings=Annotated[list[Text], Field(min_length=1, max_length=1)], items=TokenIds)
+    ThinkPrompt = _shaped("a string or a list of token ids", text=Text, items=TokenIds)
+
+
 class _Request(BaseModel):
     """Base of every request body: strict types and finite floats (see the module's docstring)."""
 
@@ -170,8 +183,7 @@ class _GenerationFields(_Request):
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: only 0 (use repetition_penalty)")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: only 0 (use repetition_penalty)")
     seed: Int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: _shaped("a string or a list of strings", text=StopText,
-                  strings=Annotated[list[StopText], Field(max_length=MAX_STOPS)]) | None = Field(
+    stop: Stops | None = Field(
         None, validate_default=True, description=f"at most {MAX_STOPS} non-empty strings of at most "
                                                  f"{MAX_STOP_CHARS} characters")
     stream: bool = False
@@ -191,8 +203,7 @@ class _GenerationFields(_Request):
 
 
 class CompletionRequest(_GenerationFields):
-    prompt: _shaped("a string, a list of one string or a list of token ids", text=Text,
-                    strings=Annotated[list[Text], Field(min_length=1, max_length=1)], items=TokenIds) = Field(..., description="a string, one-element list of strings, or token ids")
+    prompt: CompletionPrompt = Field(..., description="a string, one-element list of strings, or token ids")
     logprobs: Int | None = Field(None, ge=0, le=20)
     echo: Literal[False] = Field(False, description="not supported: only false")
 
@@ -208,10 +219,16 @@ class ContentPart(_Request):
     text: Text
 
 
+if TYPE_CHECKING:
+    MessageContent = str | list[ContentPart]
+else:
+    MessageContent = _shaped("a string or a list of content parts", text=Text,
+                             items=Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)])
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant"]
-    content: _shaped("a string or a list of content parts", text=Text,
-                     items=Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)]) | None = None
+    content: MessageContent | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -231,8 +248,7 @@ class ThinkRequest(_GenerationFields, ThinkOptions):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: _shaped("a string or a list of token ids", text=Text, items=TokenIds) = Field(
-        "", description="text or token ids; may be empty when continuing a session")
+    prompt: ThinkPrompt = Field("", description="text or token ids; may be empty when continuing a session")
 
     def think_options(self) -> ThinkOptions:
         return ThinkOptions(**{name: getattr(self, name) for name in THINK_FIELDS})

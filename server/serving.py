@@ -17,7 +17,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
-from engine.text.chat import ChatTemplate, ChatTemplateError
+from engine.loop.scheduler import Engine
 from engine.requests import (
     ContextLengthExceeded,
     EmptyPrompt,
@@ -30,7 +30,6 @@ from engine.requests import (
     TokenEvent,
 )
 from engine.sampling import SamplingParams
-from engine.loop.scheduler import Engine
 from engine.sessions import (
     SessionBusy,
     SessionNotFound,
@@ -38,9 +37,9 @@ from engine.sessions import (
     SessionStoreUnavailable,
     SessionTooLarge,
 )
-from engine.thinking import ThinkParams, ThoughtEvent
+from engine.text.chat import ChatTemplate, ChatTemplateError
 from engine.text.tokenizer import Tokenizer
-from planner.verifiers import verdict
+from engine.thinking import ThinkParams, ThoughtEvent
 from server.drain import RETRY_AFTER_SECONDS, Drain
 from server.errors import APIError
 from server.metrics import Metrics
@@ -166,19 +165,6 @@ class Serving:
     def _sampling(self, body, logprobs: int | None) -> SamplingParams:
         return SamplingParams(temperature=body.temperature, top_k=max(0, body.top_k), top_p=body.top_p,
                               repetition_penalty=body.repetition_penalty, seed=body.seed, logprobs=logprobs)
-
-    def wants_verdict(self, gen: Generation) -> bool:
-        think = gen.handle.request.think
-        return think is not None and think.verifier is not None
-
-    def record_verdict(self, gen: Generation, final: FinishEvent, answer: str) -> None:
-        """For a request that named a verifier: its verdict on the final answer, into ``usage.think``."""
-        think, totals = gen.handle.request.think, final.usage.think
-        if think is None or think.verifier is None or totals is None or final.reason == "error":
-            return
-        prompt = self.tokenizer.decode(list(gen.handle.request.prompt_ids))
-        totals.verifier = think.verifier
-        totals.verified = verdict(think.verifier, think.verifier_pattern, prompt, answer)
 
     def _think(self, options: ThinkOptions | None) -> ThinkParams | None:
         if options is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 import anyio
@@ -81,7 +81,7 @@ class _EventStream(EventSourceResponse):
             await super()._send_with_timeout(send, message)
 
 
-def event_stream(serving: Serving, gen: Generation, body: AsyncIterator[bytes]) -> EventSourceResponse:
+def event_stream(serving: Serving, gen: Generation, body: AsyncGenerator[bytes, None]) -> EventSourceResponse:
     shutdown = anyio.Event()
 
     async def end_on_shutdown() -> None:
@@ -96,7 +96,7 @@ def event_stream(serving: Serving, gen: Generation, body: AsyncIterator[bytes]) 
                                data_sender_callable=end_on_shutdown)
 
 
-async def _released(serving: Serving, gen: Generation, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _released(serving: Serving, gen: Generation, body: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
     """``body``; then, however it ended (its last chunk written, or the client gone), the drain stops waiting
     for ``gen``."""
     try:
@@ -127,7 +127,6 @@ async def collect(serving: Serving, gen: Generation, request: Request) -> tuple[
                     if isinstance(event, TokenEvent):
                         events.append(event)
                     elif isinstance(event, FinishEvent):
-                        serving.record_verdict(gen, event, "".join(e.text for e in events) + event.text)
                         return events, event
             raise asyncio.CancelledError
         finally:
@@ -151,7 +150,7 @@ def engine_error(event: FinishEvent) -> dict:
 
 
 async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, include_usage: bool,
-                        continuous_usage: bool = False) -> AsyncIterator[bytes]:
+                        continuous_usage: bool = False) -> AsyncGenerator[bytes, None]:
     """The SSE body of a streamed completion or chat completion: token chunks from one template, then exactly
     one final chunk (or error event), the usage chunk when asked for, and ``[DONE]``.
 
@@ -165,7 +164,6 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
         if head:
             yield head
     last, offset, produced, head_due = [0.0], 0, 0, continuous_usage
-    answer: list[str] | None = [] if serving.wants_verdict(gen) else None  # for the verifier's verdict at finish
     async for batch in batches(gen):
         out: list[bytes] = []
         now = time.monotonic()  # the batch is written as one frame right after: TTFT/ITL as the client sees them
@@ -180,8 +178,6 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
             observe(gen, event, last, now)
             if isinstance(event, TokenEvent):
                 produced += 1
-                if answer is not None:
-                    answer.append(event.text)
                 if not (with_logprobs or event.text):
                     continue
                 usage = usage_json(handle.prompt_tokens or 0, produced, handle.cached_tokens) \
@@ -192,8 +188,6 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
                 else:
                     out.append(template.render(event.text, None, usage))
             elif isinstance(event, FinishEvent):
-                if answer is not None:
-                    serving.record_verdict(gen, event, "".join(answer) + event.text)
                 out.append(sse(engine_error(event)) if event.reason == "error"
                            else sse_model(fmt.final_chunk(event, continuous_usage)))
                 if include_usage:
@@ -204,11 +198,10 @@ async def openai_events(serving: Serving, gen: Generation, fmt: OpenAIFormat, in
             yield b"".join(out)
 
 
-async def think_events(serving: Serving, gen: Generation, rid: str) -> AsyncIterator[bytes]:
+async def think_events(serving: Serving, gen: Generation, rid: str) -> AsyncGenerator[bytes, None]:
     """The SSE body of ``/think``: ``token`` and ``thought`` events, then one ``done`` (or ``error``) event."""
     last, index, observe = [0.0], 0, serving.observe
     session_id = gen.session_id
-    texts: list[str] = []  # the answer so far, for the verifier's verdict at finish
     async for batch in batches(gen):
         out: list[bytes] = []
         now = time.monotonic()
@@ -216,14 +209,12 @@ async def think_events(serving: Serving, gen: Generation, rid: str) -> AsyncIter
             observe(gen, event, last, now)
             if isinstance(event, TokenEvent):
                 out.append(sse({"id": rid, "index": index, "token_id": event.token_id, "text": event.text}, "token"))
-                texts.append(event.text)
                 index += 1
             elif isinstance(event, ThoughtEvent):
                 out.append(sse_model(thought_of(event, rid, serving.tokenizer), "thought"))
             elif event.reason == "error":
                 out.append(sse(engine_error(event), "error"))
             else:
-                serving.record_verdict(gen, event, "".join(texts) + event.text)
                 done = ThinkDone(id=rid, text=event.text, finish_reason=finish_reason(event), usage=usage_of(event),
                                  session_id=session_id)
                 out.append(sse_model(done, "done"))

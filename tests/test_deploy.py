@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from server import healthcheck
-from server.cli import DEFAULT_CHECKPOINT, OPTIONS, parse_args
+from server.cli import DEFAULT_CHECKPOINT, options, parse_args
 from tests.serving import ROOT, free_port, tiny_checkpoint
 
 DEPLOY = ROOT / "deploy"
@@ -193,7 +193,7 @@ def test_the_images_environment_is_accepted_by_the_server():
                 mp.setenv(name, value)
             args = parse_args([])
         assert args.host == "0.0.0.0" and args.port == 8000 and args.checkpoint == "/opt/crsm/checkpoints/default"
-        known = {opt.env: opt for opt in OPTIONS}
+        known = {opt.env: opt for opt in options()}
         for name, value in pairs.items():
             if name in known:
                 assert getattr(args, name[len("CRSM_"):].lower()) == known[name].type(value), name
@@ -388,7 +388,7 @@ def readme_options() -> list[tuple[str, str, str]]:
 
 def test_readme_options_table_matches_the_cli():
     expected = []
-    for opt in OPTIONS:
+    for opt in options():
         default = "checkpoints/default" if opt.default == str(DEFAULT_CHECKPOINT) else str(opt.default)
         expected.append((opt.flag, opt.env, default))
     assert readme_options() == expected

@@ -17,10 +17,10 @@ import httpx
 import pytest
 import uvicorn
 
-from engine.text.chat import ChatTemplate
+from engine.loop.scheduler import Engine
 from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.loop.scheduler import Engine
+from engine.text.chat import ChatTemplate
 from engine.text.tokenizer import ByteTokenizer
 from loadtest.process import free_port
 from server.app import ServerConfig, create_app

@@ -16,9 +16,9 @@ import random
 import pytest
 
 import engine.loop.scheduler as scheduler
+from engine.loop.scheduler import Engine
 from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.loop.scheduler import Engine
 from engine.text.tokenizer import ByteTokenizer
 from tests.conftest import make_model, reference_greedy
 

@@ -8,11 +8,11 @@ import collections
 import pytest
 
 from engine.checkpoint import save_checkpoint
+from engine.loop.scheduler import Engine
 from engine.requests import GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.loop.scheduler import Engine
-from engine.thinking import ThinkParams, ThoughtEvent
 from engine.text.tokenizer import ByteTokenizer
+from engine.thinking import ThinkParams, ThoughtEvent
 from planner.pool import PlannerObserver, PlannerPool
 from planner.worker import WorkerSpec
 from tests import planner_faults

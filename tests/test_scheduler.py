@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from engine.loop.scheduler import Engine
 from engine.requests import (
     ContextLengthExceeded,
     EmptyPrompt,
@@ -16,7 +17,6 @@ from engine.requests import (
     TokenEvent,
 )
 from engine.sampling import SamplingParams
-from engine.loop.scheduler import Engine
 from engine.sessions import PrefixCache, SessionBusy, SessionNotFound, SessionStore, SessionTooLarge
 from engine.text.stops import StopMatcher
 from engine.text.tokenizer import ByteTokenizer

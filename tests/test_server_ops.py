@@ -101,9 +101,9 @@ def test_non_streamed_request_is_cancelled_when_the_client_hangs_up(url):
 
 def test_not_ready_answers_503(checkpoint):
     """Before the engine thread runs (model loading, warm-up), probes and generation say 503."""
-    from engine.text.chat import ChatTemplate
     from engine.checkpoint import load_model
     from engine.loop.scheduler import Engine
+    from engine.text.chat import ChatTemplate
     from server.app import ServerConfig, create_app
 
     loaded = load_model(checkpoint)

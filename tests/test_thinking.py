@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 
 import pytest
 import torch
 
 from engine.loop.injection import effective_rate, inject
+from engine.loop.scheduler import Engine
 from engine.models.planner_net import PlannerNet
 from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.loop.scheduler import Engine
-from engine.thinking import PlanJob, StateDelta, ThinkParams, ThoughtEvent
 from engine.text.tokenizer import ByteTokenizer
+from engine.thinking import PlanJob, StateDelta, ThinkParams, ThoughtEvent
 from planner.planner import Planner
 from planner.simulators import BackboneSimulator
+from planner.verifiers import judge
 from tests.conftest import make_model
 
 TOK = ByteTokenizer()
@@ -45,6 +47,8 @@ class ThreadLink:
 
     def discard(self, request_id) -> None:
         self.discarded.append(request_id)
+
+    judge = staticmethod(judge)
 
 
 def planner_answer(model, seed=0):
@@ -296,3 +300,24 @@ def test_the_planner_posts_decision_deltas_that_win_where_they_land(model):
     applied = [t for t in thoughts if t.outcome == "applied"]
     assert len(applied) == 4
     assert all(tokens[t.applied_at].token_id == t.chosen for t in applied)
+
+
+@pytest.mark.parametrize("pattern", [r"[\s\S]*", "never"])
+def test_the_engine_puts_the_verifiers_verdict_on_the_final_event(model, pattern):
+    """The verdict is the engine's: its planner link judges the released text as the request ends (no server)."""
+    link = ThreadLink(planner_answer(model))
+    think = ThinkParams(verifier="regex", verifier_pattern=pattern, injection_rate=0.0)
+    tokens, _, final = generate(model, link, think, n=12)
+    assert isinstance(final, FinishEvent) and final.reason == "length"
+    answer = "".join(t.text for t in tokens) + final.text
+    assert final.usage.think.verifier == "regex"
+    assert final.usage.think.verified is (re.fullmatch(pattern, answer) is not None)
+    assert final.usage.think.as_dict()["verified"] is final.usage.think.verified
+
+
+def test_a_verifier_that_fails_ends_the_request_without_a_verdict(model):
+    link = ThreadLink(planner_answer(model))
+    link.judge = lambda params, prompt, answer: 1 / 0
+    tokens, _, final = generate(model, link, ThinkParams(verifier="task", injection_rate=0.0), n=6)
+    assert final.reason == "length" and len(tokens) == 6
+    assert final.usage.think.verifier == "task" and final.usage.think.verified is None

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.models.planner_net import PlannerNet
 from engine import tasks
+from engine.models.planner_net import PlannerNet
 from engine.train.dynamics import Trajectory, collect, fidelity, layer_error, losses
 from engine.train.outcomes import Samples, final_features, prefix_targets, within_question_auc
 from engine.train.value import ValueConfig, ValueData, calibration, fit, reset_value_head, rollout, text_data

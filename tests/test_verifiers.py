@@ -7,9 +7,9 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from engine.thinking import PlanJob, ThinkParams
-from engine.text.tokenizer import ByteTokenizer
 from engine import tasks
+from engine.text.tokenizer import ByteTokenizer
+from engine.thinking import PlanJob, ThinkParams
 from planner.verifiers import VERIFIERS, VerifierError, answer_reward, compile_pattern, get_verifier, verdict
 from server.schemas import ThinkOptions, ThinkRequest
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from engine.loop.scheduler import Engine
 from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.loop.scheduler import Engine
 from engine.sessions.directory import DirectorySessionStore
 from engine.text.tokenizer import ByteTokenizer
 from tests.conftest import make_model, reference_greedy
@@ -86,8 +86,8 @@ async def _collect(handle) -> list:
 
 def test_a_write_handed_over_after_close_still_runs_and_sends_its_final_event():
     """An engine thread that outlived its shutdown's join hands writes over late: they run in line, none is lost."""
-    from engine.requests import Outbox
     from engine.loop.writeback import WriteBehind
+    from engine.requests import Outbox
 
     writer = WriteBehind()
     ran: list[str] = []

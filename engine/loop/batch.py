@@ -35,6 +35,12 @@ class DecodeBatch:
     def __iter__(self) -> Iterator[ActiveSequence]:
         return iter(self.seqs)
 
+    @property
+    def _rows(self) -> MambaState:
+        """The state buffer, which exists once a sequence has joined (every caller below has a row)."""
+        assert self._states is not None, "the decode batch has no rows"
+        return self._states
+
     def join(self, seq: ActiveSequence, state: MambaState) -> int:
         """Add ``seq`` with its batch-1 ``state`` as the last row; returns the row."""
         row = len(self.seqs)
@@ -50,25 +56,26 @@ class DecodeBatch:
     def leave(self, seq: ActiveSequence) -> MambaState:
         """Remove ``seq``; returns a copy of its state."""
         row = self.seqs.index(seq)
-        state = self._states.select([row])
+        rows = self._rows
+        state = rows.select([row])
         last = len(self.seqs) - 1
         if row != last:
-            self._states.write_rows([row], self._states.select([last]))
+            rows.write_rows([row], rows.select([last]))
             self.seqs[row] = self.seqs[last]
         self.seqs.pop()
         return state
 
     def live(self) -> MambaState:
         """The live rows ``[0, n)`` as views: a decode step writes them in place."""
-        n = len(self.seqs)
-        return MambaState(self._states.conv[:, :n], self._states.ssm[:, :n])
+        n, rows = len(self.seqs), self._rows
+        return MambaState(rows.conv[:, :n], rows.ssm[:, :n])
 
     def copy_row(self, row: int) -> MambaState:
-        return self._states.select([row])
+        return self._rows.select([row])
 
     def ssm_row(self, row: int) -> Tensor:
         """Row ``row``'s SSM state (n_layer, d_inner, d_state), a live view."""
-        return self._states.ssm[:, row]
+        return self._rows.ssm[:, row]
 
     def clear(self) -> None:
         """Forget every sequence and the buffer (after a failed step its contents are unknown)."""

@@ -20,9 +20,10 @@ writes the rows it is handed.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,10 +32,12 @@ from torch import Tensor
 from engine.loop.injection import land
 from engine.requests import EngineObserver, RequestHandle
 from engine.state import MambaState
-from engine.thinking import PlanDropped, PlanJob, PlannerLink, StateDelta, ThinkTotals, ThoughtEvent
+from engine.thinking import PlanDropped, PlanJob, PlannerLink, StateDelta, ThinkParams, ThinkTotals, ThoughtEvent
 
 if TYPE_CHECKING:
     from engine.loop.sequence import ActiveSequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,9 +52,15 @@ class PlanState:
     paused_since: float = 0.0
 
 
+def thinking(seq: ActiveSequence) -> tuple[ThinkParams, PlanState]:
+    """A thinking sequence's settings and plans (everything below is called for thinking sequences only)."""
+    assert seq.req.think is not None and seq.plans is not None, "not a thinking sequence"
+    return seq.req.think, seq.plans
+
+
 def decision_tokens(seq: ActiveSequence) -> list[int]:
     """A thinking sequence's held prompt token, then its generated tokens; the last one is pending."""
-    return seq.plans.held + seq.generated
+    return thinking(seq)[1].held + seq.generated
 
 
 def held(seq: ActiveSequence) -> int:
@@ -66,7 +75,7 @@ class Deliberation:
         self.observer = observer
         self.max_state_norm = max_state_norm
         self._emit = emit
-        self._thinking: dict[int, ActiveSequence] = {}  # request id -> sequence
+        self._thinking: dict[Hashable, ActiveSequence] = {}  # request id -> sequence
         self._results: collections.deque[StateDelta | PlanDropped] = collections.deque()
         self._results_ready = threading.Condition()
 
@@ -89,27 +98,45 @@ class Deliberation:
         logprobs are bit-identical to not thinking (a decode step and the chunked prefill agree on the
         tokens, not on the last bits of the logits).
         """
-        seq.plans.held = seq.to_feed[-1:] if seq.req.think.injection_rate > 0 else []
+        params, plans = thinking(seq)
+        plans.held = seq.to_feed[-1:] if params.injection_rate > 0 else []
         self._thinking[seq.handle.id] = seq
 
-    def end(self, seq: ActiveSequence) -> None:
+    def end(self, seq: ActiveSequence, prompt_text: Callable[[], str]) -> None:
         """Forget a sequence's plans (those still unanswered are counted, ``unanswered``); the planner may drop
-        its tree. Called before the sequence's final event, so these thoughts come before it."""
+        its tree; a request that names a verifier gets its verdict. Called before the sequence's final event, so
+        these thoughts come before it and the verdict is on it."""
         if self._thinking.pop(seq.handle.id, None) is not None and self.link is not None:
             self.link.discard(seq.handle.id)
+        self._judge(seq, prompt_text)
+        plans = thinking(seq)[1]
         now = time.monotonic()
-        for planned_at in sorted(seq.plans.outstanding):
+        for planned_at in sorted(plans.outstanding):
             self._thought(seq, ThoughtEvent(planned_at, None, "unanswered", 0.0, 0.0, 0.0, [], 0, now))
-        for delta in seq.plans.deltas:  # answered but never due: the sequence ended first
+        for delta in plans.deltas:  # answered but never due: the sequence ended first
             self._thought(seq, ThoughtEvent(delta.planned_at, None, "unlanded", 0.0, 0.0, 0.0, delta.path,
                                             delta.simulations, now))
-        seq.plans.deltas.clear()
-        seq.plans.outstanding.clear()
+        plans.deltas.clear()
+        plans.outstanding.clear()
+
+    def _judge(self, seq: ActiveSequence, prompt_text: Callable[[], str]) -> None:
+        """The planner's verifier on the final answer, into the final event's ``usage.think`` (not for a request
+        that failed: its answer is not one). A verifier that fails says nothing and ends nothing."""
+        (params, plans), finish, answer = thinking(seq), seq.finished, seq.answer
+        if params.verifier is None or answer is None or self.link is None or finish is None \
+                or finish.reason == "error":
+            return
+        totals = plans.totals
+        totals.verifier = params.verifier
+        try:
+            totals.verified = self.link.judge(params, prompt_text(), "".join(answer))
+        except Exception:  # noqa: BLE001 - the request still ends, without a verdict
+            log.exception("request %s: the verifier %r failed on the final answer", seq.handle.id, params.verifier)
 
     # Jobs out ---------------------------------------------------------------
     def maybe_plan(self, seq: ActiveSequence, snapshot: Callable[[], MambaState], logits: Tensor) -> None:
         """Post a job if one is due; ``snapshot()`` copies the state, ``logits`` chose the pending token."""
-        params, plans = seq.req.think, seq.plans
+        params, plans = thinking(seq)
         tokens = decision_tokens(seq)
         step = len(tokens) - 1
         if self.link is None or (plans.last_plan is not None and step - plans.last_plan < params.plan_every):
@@ -129,11 +156,12 @@ class Deliberation:
             self._results.clear()
         for result in results:
             seq = self._thinking.get(result.request_id)
-            if seq is None or seq.plans.outstanding.pop(result.planned_at, None) is None:
+            if seq is None or thinking(seq)[1].outstanding.pop(result.planned_at, None) is None:
                 continue
+            plans = thinking(seq)[1]
             if isinstance(result, StateDelta):
-                seq.plans.totals.simulations += result.simulations
-                seq.plans.deltas.append(result)
+                plans.totals.simulations += result.simulations
+                plans.deltas.append(result)
             else:
                 self._thought(seq, ThoughtEvent(result.planned_at, None, result.outcome, 0.0, 0.0, 0.0, [], 0,
                                                 time.monotonic()))
@@ -147,31 +175,37 @@ class Deliberation:
     # Bounded lag ---------------------------------------------------------------
     def _due_jobs(self, seq: ActiveSequence) -> list[int]:
         """planned_at of the jobs that must answer before the sequence's next step (when it waits)."""
-        if seq.plans is None or not seq.req.think.synchronous:
+        if seq.plans is None:
+            return []
+        params, plans = thinking(seq)
+        if not params.synchronous:
             return []
         step = len(decision_tokens(seq)) - 1
-        return [t for t, apply_at in seq.plans.outstanding.items() if apply_at <= step]
+        return [t for t, apply_at in plans.outstanding.items() if apply_at <= step]
 
     def must_wait(self, seq: ActiveSequence) -> bool:
         if self._due_jobs(seq):
-            seq.plans.paused_since = time.monotonic()
+            thinking(seq)[1].paused_since = time.monotonic()
             return True
         return False
 
     def may_resume(self, seq: ActiveSequence, now: float) -> bool:
         """Whether a paused sequence may go on: its plans answered, or its wait ran out (counted ``timeout``)."""
         due = self._due_jobs(seq)
-        if due and now - seq.plans.paused_since < seq.req.think.max_wait_s:
+        if not due:
+            return True
+        params, plans = thinking(seq)
+        if now - plans.paused_since < params.max_wait_s:
             return False
         for planned_at in due:
-            seq.plans.outstanding.pop(planned_at, None)
+            plans.outstanding.pop(planned_at, None)
             self._thought(seq, ThoughtEvent(planned_at, None, "timeout", 0.0, 0.0, 0.0, [], 0, now))
         return True
 
     # Landing -------------------------------------------------------------------
     def land_due(self, seq: ActiveSequence, h: Tensor) -> None:
         """Blend the sequence's due deltas into ``h``, its live SSM state (n_layer, d_inner, d_state)."""
-        plans = seq.plans
+        params, plans = thinking(seq)
         if not plans.deltas:
             return
         tokens = decision_tokens(seq)
@@ -181,12 +215,12 @@ class Deliberation:
         for delta in due:
             lag = step - delta.planned_at
             taken = tokens[delta.planned_at : step + 1]  # tokens fed since planned_at, and the pending one
-            landing = land(h, delta, taken, lag, seq.req.think, self.max_state_norm)
+            landing = land(h, delta, taken, lag, params, self.max_state_norm)
             self.observer.on_injection(landing.result, landing.confidence, landing.a_eff, lag)
             self._thought(seq, ThoughtEvent(delta.planned_at, step, landing.result, landing.confidence,
                                             landing.a_eff, landing.delta_norm, delta.path, delta.simulations,
                                             time.monotonic(), landing.chosen))
 
     def _thought(self, seq: ActiveSequence, event: ThoughtEvent) -> None:
-        seq.plans.totals.count(event.outcome)
+        thinking(seq)[1].totals.count(event.outcome)
         self._emit(seq.handle, event)

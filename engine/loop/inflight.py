@@ -69,6 +69,12 @@ class InFlight:
         seq.state = None
         return state
 
+    def detach_running(self, seq: ActiveSequence) -> MambaState:
+        """:meth:`detach` for a sequence past admission (prefilling, decoding or paused): it always has a state."""
+        state = self.detach(seq)
+        assert state is not None, f"request {seq.handle.id} has no state in phase {seq.phase}"
+        return state
+
     def to_prefill(self, seq: ActiveSequence) -> None:
         seq.phase = Phase.PREFILLING
         self.prefilling.append(seq)

@@ -39,6 +39,8 @@ from engine.loop.batch import DecodeBatch, prefill_rows, sample_rows
 from engine.loop.deliberation import Deliberation, held
 from engine.loop.inflight import InFlight
 from engine.loop.injection import DEFAULT_MAX_NORM
+from engine.loop.sequence import ActiveSequence, Phase
+from engine.loop.writeback import WriteBehind
 from engine.models import MambaLMHeadModel
 from engine.requests import (
     ContextLengthExceeded,
@@ -46,18 +48,17 @@ from engine.requests import (
     EngineDead,
     EngineObserver,
     EngineOverloaded,
+    FinishEvent,
     GenerationRequest,
     Outbox,
     RequestHandle,
     check_request,
 )
 from engine.runtime import keep_freed_memory, share_the_gil_quickly
-from engine.loop.sequence import ActiveSequence, Phase
-from engine.sessions import PrefixCache, SessionBackend, SessionStore, start_state
+from engine.sessions import PrefixCache, Session, SessionBackend, SessionStore, start_state
 from engine.state import MambaState
-from engine.thinking import PlanDropped, PlannerLink, StateDelta
 from engine.text.tokenizer import Tokenizer
-from engine.loop.writeback import WriteBehind
+from engine.thinking import PlanDropped, PlannerLink, StateDelta
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ class Engine:
         """Sequences whose prompt is all in: sample their first token, move them to the decode batch."""
         self._sample_and_accept(seqs, logits)
         for seq, row_logits in zip(seqs, logits):
-            state = self._flight.detach(seq)
+            state = self._flight.detach_running(seq)
             if seq.finished is not None:
                 self._retire(seq, state)
                 continue
@@ -349,14 +350,14 @@ class Engine:
         Only that sequence waits; the others keep decoding.
         """
         for seq in [s for s in self._flight.batch if s.plans is not None and self._deliberation.must_wait(s)]:
-            self._flight.to_paused(seq, self._flight.detach(seq))
+            self._flight.to_paused(seq, self._flight.detach_running(seq))
 
     def _resume_planned(self) -> None:
         """Paused sequences whose plans have answered (or given up) land them and rejoin the batch."""
         self._deliberation.collect()
         now = time.monotonic()
         for seq in [s for s in self._flight.paused if self._deliberation.may_resume(s, now)]:
-            state = self._flight.detach(seq)
+            state = self._flight.detach_running(seq)
             self._deliberation.land_due(seq, state.ssm[:, 0])
             self._flight.to_decode(seq, state)
         if self._flight.paused and not self._flight.batch and not self._flight.prefilling:
@@ -384,7 +385,8 @@ class Engine:
         now = time.monotonic()
         for row, seq in enumerate(seqs):
             k = seq.req.params.logprobs
-            top = list(zip(top_ids[row][:k], top_lps[row][:k])) if top_ids is not None and k else None
+            top = list(zip(top_ids[row][:k], top_lps[row][:k])) if top_ids is not None and top_lps is not None and k \
+                else None
             try:
                 event = seq.accept(tokens[row], logprobs[row], top, now, self.eos_id, self.max_context)
             except Exception as exc:
@@ -405,17 +407,18 @@ class Engine:
         a failed request leaves its session as it was before it.
         """
         req, finish = seq.req, seq.finished
+        assert finish is not None, "a sequence is retired once its final event is built"
         state = None if finish.reason == "error" else state
         seq.phase = Phase.DONE
         deferred = False
         try:
             if seq.plans is not None:
-                self._deliberation.end(seq)
+                self._deliberation.end(seq, lambda: self.tokenizer.decode(list(req.prompt_ids)))
             if seq.session is not None and self._writer is not None:
-                self._write_behind(seq, state)
+                self._write_behind(seq, seq.session, finish, state)
                 deferred = True
             elif seq.session is not None:
-                self._write_back(seq, state)
+                self._write_back(seq, seq.session, state)
             elif req.prefix_boundaries and state is not None and finish.reason in ("stop", "length"):
                 self.prefix_cache.put(list(req.prompt_ids) + seq.generated, state, pending=seq.pending)
         except Exception:  # the store refused the state (e.g. over its budget): the request still ends
@@ -430,25 +433,27 @@ class Engine:
         self._outbox.flush()
         writes, self._writes = self._writes, []
         for write in writes:
+            assert self._writer is not None  # only _write_behind queues writes, and only with a writer
             self._writer.submit(write)
 
-    def _write_back(self, seq: ActiveSequence, state: MambaState | None) -> None:
+    def _write_back(self, seq: ActiveSequence, session: Session, state: MambaState | None) -> None:
         """The session takes ``state`` (if any) and the lease goes back, whatever the store says."""
         if state is None:
-            self.sessions.release(seq.session)
+            self.sessions.release(session)
         else:
-            self.sessions.release(seq.session, state=state, pending=seq.pending,
+            self.sessions.release(session, state=state, pending=seq.pending,
                                   n_tokens=seq.consumed + len(seq.pending))
 
-    def _write_behind(self, seq: ActiveSequence, state: MambaState | None) -> None:
+    def _write_behind(self, seq: ActiveSequence, session: Session, finish: FinishEvent,
+                      state: MambaState | None) -> None:
         """:meth:`_write_back` on the writer thread, then the final event (the lease is idle when it arrives)."""
         def write(outbox: Outbox) -> None:
             try:
-                self._write_back(seq, state)
+                self._write_back(seq, session, state)
             except Exception:  # the store refused the state (over its budget, unreachable): the request still ends
                 log.exception("could not write back the state of request %s", seq.handle.id)
             finally:
-                outbox.emit(seq.handle, seq.finished)
+                outbox.emit(seq.handle, finish)
         self._writes.append(write)
 
     def _drop_cancelled(self) -> None:

@@ -51,6 +51,8 @@ class ActiveSequence:
         self.seen: torch.Tensor | None = None  # tokens so far, for the repetition penalty
         self.finished: FinishEvent | None = None
         self.plans = PlanState() if req.think is not None else None
+        # the text released so far, kept only for a verifier's verdict at the end (engine.loop.deliberation)
+        self.answer: list[str] | None = [] if req.think is not None and req.think.verifier is not None else None
 
     def admit(self, start: MambaState | None, consumed: int, to_feed: list[int], vocab: int) -> None:
         """Set the start state (``consumed`` tokens already in it) and the tokens to prefill."""
@@ -95,6 +97,8 @@ class ActiveSequence:
             self.finish("stop")
             return TokenEvent(token, "", logprob, top, now)
         text, stopped = self.stops.feed(self.decoder.push(token))
+        if self.answer is not None:
+            self.answer.append(text)
         if stopped:
             self.finish("stop", flush=False)
         elif len(self.generated) >= self.req.max_tokens or self.consumed + 1 + len(self.to_feed) >= max_context:
@@ -106,6 +110,8 @@ class ActiveSequence:
         tail = ""
         if flush:
             tail = self.stops.feed(self.decoder.flush())[0] + self.stops.held
+            if self.answer is not None:
+                self.answer.append(tail)
         usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=len(self.generated),
                       cached_tokens=self.cached, think=self.plans.totals if self.plans is not None else None)
         self.finished = FinishEvent(reason, tail, usage, time.monotonic(), error)

@@ -12,6 +12,7 @@ Parameter names: ``backbone.embedding``, ``backbone.layers.N.{norm,mixer.*}``,
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +22,40 @@ from engine.config import MambaConfig
 from engine.modules.block import Block, make_norm
 from engine.modules.fused_decode import FusedDecode
 from engine.ops import cpu_fused
-from engine.quant import QuantizedWeight
+from engine.quant import QuantizedLinear, QuantizedWeight
 from engine.state import MambaState, StateShape
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import overload
+
+    class _Blocks(nn.ModuleList):
+        """What the type checker sees of ``MixerModel.layers``: an ``nn.ModuleList`` whose every item is a Block
+        (torch's ModuleList is not generic)."""
+
+        def __iter__(self) -> Iterator[Block]: ...
+
+        @overload
+        def __getitem__(self, idx: slice) -> nn.ModuleList: ...
+        @overload
+        def __getitem__(self, idx: int) -> Block: ...
+        def __getitem__(self, idx: int | slice) -> Block | nn.ModuleList: ...
+
+else:
+    _Blocks = nn.ModuleList
 
 
 class MixerModel(nn.Module):
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(Block(config, device, dtype) for _ in range(config.n_layer))
+        self.layers = _Blocks(Block(config, device, dtype) for _ in range(config.n_layer))
         self.norm_f = make_norm(config, device, dtype)
 
 
 class MambaLMHeadModel(nn.Module):
+    lm_head: nn.Linear | QuantizedLinear  # engine/quant.py's quantize_model swaps in a QuantizedLinear
+
     def __init__(self, config: MambaConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
@@ -59,6 +81,7 @@ class MambaLMHeadModel(nn.Module):
             for layer in self.backbone.layers:
                 mixer = layer.mixer
                 for lin in (mixer.in_proj, mixer.x_proj, mixer.out_proj):
+                    assert isinstance(lin, nn.Linear)  # initialised as built: quantize_model runs after loading
                     lin.reset_parameters()
                     if lin.bias is not None:
                         nn.init.zeros_(lin.bias)
@@ -66,6 +89,7 @@ class MambaLMHeadModel(nn.Module):
                 mixer.reset_parameters_like_mamba_ssm()
                 mixer.out_proj.weight /= math.sqrt(self.config.n_layer)
             if not self.config.tie_embeddings:
+                assert isinstance(self.lm_head, nn.Linear)  # as built: quantize_model runs after loading
                 self.lm_head.reset_parameters()
         finally:
             if seed is not None:
@@ -134,7 +158,7 @@ class MambaLMHeadModel(nn.Module):
                 raise ValueError(f"state holds {state.batch_size} sequences, input_ids {b}")
 
         hidden = self.backbone.embedding(input_ids)
-        residual = None
+        residual: Tensor | None = None
         convs, ssms = [], []
         for i, layer in enumerate(self.backbone.layers):
             conv_in = None if state is None else state.conv[i]
@@ -142,6 +166,7 @@ class MambaLMHeadModel(nn.Module):
             hidden, residual, conv, ssm = layer(hidden, residual, conv_in, ssm_in, lengths)
             convs.append(conv)
             ssms.append(ssm)
+        assert residual is not None  # n_layer >= 1 (MambaConfig checks it)
         if last_only:
             last = (lengths - 1) if lengths is not None else torch.full((b,), L - 1, device=input_ids.device)
             rows = torch.arange(b, device=input_ids.device)
@@ -166,7 +191,8 @@ class MambaLMHeadModel(nn.Module):
         normed = self.fused_decode.hidden(self, hidden, state.conv, state.ssm)
         if normed is not None:
             return self._logits(normed)
-        residual = None
+        residual: Tensor | None = None
         for i, layer in enumerate(self.backbone.layers):
             hidden, residual = layer.step(hidden, residual, state.conv[i], state.ssm[i])
+        assert residual is not None  # n_layer >= 1
         return self._logits(self._final_norm(hidden, residual))

@@ -39,11 +39,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from engine.models.mamba_lm import MambaLMHeadModel
 
 LOG2E = math.log2(math.e)
 PLANNER_PREFIX = "planner."
@@ -110,7 +113,7 @@ class PlannerNet(nn.Module):
         self.value_b2 = nn.Parameter(torch.zeros(L, 1))
 
     @classmethod
-    def for_backbone(cls, model: nn.Module, **overrides: Any) -> "PlannerNet":
+    def for_backbone(cls, model: MambaLMHeadModel, **overrides: Any) -> "PlannerNet":
         """A fresh (untrained) net shaped for ``model``, with its decay rates ``A`` copied."""
         cfg = model.config
         config = PlannerConfig(cfg.n_layer, cfg.d_inner, cfg.d_state, cfg.vocab_size, **overrides)
@@ -190,7 +193,7 @@ class LoadedPlanner:
     record: dict[str, Any]
 
 
-def load_planner(directory: str | Any, backbone: nn.Module) -> LoadedPlanner:
+def load_planner(directory: str | Any, backbone: MambaLMHeadModel) -> LoadedPlanner:
     """The planner net stored with a checkpoint (``planner.json`` + ``planner.*`` tensors), else a fresh one.
 
     The checkpoint's manifest is verified by :func:`engine.checkpoint.load_model`; this only reads.

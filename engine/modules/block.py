@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype)
 
 
-def make_norm(config: MambaConfig, device=None, dtype=None) -> nn.Module:
+def make_norm(config: MambaConfig, device=None, dtype=None) -> RMSNorm | nn.LayerNorm:
     """RMSNorm or LayerNorm with mamba-ssm's parameter names (``weight``[, ``bias``])."""
     if config.rms_norm:
         return RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)

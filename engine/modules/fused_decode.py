@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from engine.modules.block import RMSNorm
+from engine.modules.block import Block, RMSNorm
 from engine.ops import cpu_fused, kernels
 from engine.quant import QuantizedLinear
+
+if TYPE_CHECKING:
+    from engine.config import MambaConfig
+    from engine.models.mamba_lm import MambaLMHeadModel
 
 # Batches up to this size take the fused step (it won at 8 and 32 in
 # loadtest/bench_kernels.py); larger ones were not measured and keep eager's
@@ -49,8 +54,9 @@ def _projection(m: nn.Module) -> tuple[int, int, int | None] | None:
     data_q = getattr(weight, "data_q", None)
     if isinstance(m, QuantizedLinear) and data_q is not None and data_q.is_contiguous():
         kind = cpu_fused.WEIGHT_KINDS.get(data_q.dtype)
-        if kind == 1 and weight.scales is not None and weight.scales.is_contiguous():
-            return kind, data_q.data_ptr(), weight.scales.data_ptr()
+        scales = m.weight.scales
+        if kind == 1 and scales is not None and scales.is_contiguous():
+            return kind, data_q.data_ptr(), scales.data_ptr()
         if kind == 2:
             return kind, data_q.data_ptr(), None
     return None
@@ -77,12 +83,13 @@ torch.nn.modules.module.register_module_buffer_registration_hook(_Registrations.
 torch.nn.modules.module.register_module_module_registration_hook(_Registrations.bump)
 
 
-def _layer_pointers(layer: nn.Module, norm_type: type) -> tuple[int, list[int | None]] | None:
+def _layer_pointers(layer: Block, norm_type: type) -> tuple[int, list[int | None]] | None:
     """(weight kind, the 17 pointers the C side expects for one block), or None if the block is not
     fused-eligible (its projections must share one weight kind)."""
     mixer, norm = layer.mixer, layer.norm
-    projections = [_projection(m) for m in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj)]
-    if any(p is None for p in projections) or len({p[0] for p in projections}) != 1:
+    found = [_projection(m) for m in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj)]
+    projections = [p for p in found if p is not None]
+    if len(projections) != len(found) or len({p[0] for p in projections}) != 1:
         return None
     (kind, in_w, in_s), (_, xp_w, xp_s), (_, dt_w, dt_s), (_, out_w, out_s) = projections
     if type(norm) is not norm_type or norm.weight.dtype != torch.float32:
@@ -101,16 +108,16 @@ def _layer_pointers(layer: nn.Module, norm_type: type) -> tuple[int, list[int | 
     ]  # fmt: skip
 
 
-def _weight_tensor(proj: nn.Module) -> Tensor:
+def _weight_tensor(proj: nn.Linear | QuantizedLinear) -> Tensor:
     """The tensor a projection's weight pointer was read from (a quantized layer's int8/bf16 data)."""
     weight = proj.weight
     return getattr(weight, "data_q", weight)
 
 
-def _packed_tensors(model: nn.Module) -> list[Tensor]:
+def _packed_tensors(model: MambaLMHeadModel) -> list[Tensor]:
     """Detached views of every tensor whose pointer is packed: they keep the storage alive however the module's
     parameters are later replaced, so a missed change reads stale weights, never freed memory."""
-    held: list[Tensor] = []
+    held: list[Tensor | None] = []
     for layer in model.backbone.layers:
         mixer, norm = layer.mixer, layer.norm
         held += [norm.weight, getattr(norm, "bias", None), mixer.conv1d.weight, mixer.conv1d.bias,
@@ -143,14 +150,14 @@ class FusedDecode:
         self._held, self._tracked, self._tracked_versions, self._sentinels = [], [], (), ()
 
     @staticmethod
-    def layer_macs(b: int, cfg) -> int:
+    def layer_macs(b: int, cfg: MambaConfig) -> int:
         d, di, p = cfg.d_model, cfg.d_inner, cfg.dt_rank_value + 2 * cfg.d_state
         return b * (d * 2 * di + di * p + di * cfg.dt_rank_value + di * d)
 
-    def threads_for(self, b: int, cfg) -> int:
+    def threads_for(self, b: int, cfg: MambaConfig) -> int:
         return torch.get_num_threads() if self.layer_macs(b, cfg) >= PARALLEL_MIN_MACS else 1
 
-    def wins(self, b: int, cfg) -> bool:
+    def wins(self, b: int, cfg: MambaConfig) -> bool:
         """Every batch up to ``max_batch``. Batch 1 of the 130M shape used to stay eager (eager's GEMVs then
         matched the fused step on one thread); with the GEMVs prefetching the next rows the fused step on the
         quiet 2-core VM ran 36 tok/s on 2 threads and 28 on 1 against eager's 22-23 (float32), 146-151 / 110
@@ -161,7 +168,7 @@ class FusedDecode:
         fresh = FusedDecode(self.max_batch)
         return dict(fresh.__dict__)
 
-    def _weights(self, model: nn.Module) -> ctypes.Array | None:
+    def _weights(self, model: MambaLMHeadModel) -> ctypes.Array | None:
         """The packed pointer array: reused while no module or parameter was assigned anywhere and no ``A_log``
         was edited in place (its cached ``A`` is then recomputed); else read again from the modules."""
         if (self._packed_at == _Registrations.count and all(t.data_ptr() == p for t, p in self._sentinels)
@@ -177,7 +184,7 @@ class FusedDecode:
         self._sentinels = tuple((w, w.data_ptr()) for w in (_weight_tensor(layer.mixer.in_proj) for layer in ends))
         return array
 
-    def _pack(self, model: nn.Module) -> ctypes.Array | None:
+    def _pack(self, model: MambaLMHeadModel) -> ctypes.Array | None:
         pointers: list[int | None] = []
         kinds = set()
         norm_type = type(model.backbone.norm_f)
@@ -198,7 +205,7 @@ class FusedDecode:
             self._held = _packed_tensors(model)
         return self._array
 
-    def hidden(self, model: nn.Module, embedded: Tensor, conv: Tensor, ssm: Tensor) -> Tensor | None:
+    def hidden(self, model: MambaLMHeadModel, embedded: Tensor, conv: Tensor, ssm: Tensor) -> Tensor | None:
         """final_norm(all layers(embedded)) (b, d_model), states advanced in place; None where it cannot run."""
         cfg = model.config
         b = embedded.shape[0]

@@ -9,6 +9,7 @@ which is what the linear layers produce, so nothing is transposed.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,20 @@ from engine.config import MambaConfig
 from engine.ops import packed_linear
 from engine.ops.selective_scan import LOG2E
 
+if TYPE_CHECKING:
+    from engine.quant import QuantizedLinear
+
 
 class MambaMixer(nn.Module):
+    # nn.Linear as built; engine/quant.py's quantize_model swaps in QuantizedLinear (same weight/bias interface).
+    in_proj: nn.Linear | QuantizedLinear
+    x_proj: nn.Linear | QuantizedLinear
+    dt_proj: nn.Linear | QuantizedLinear
+    out_proj: nn.Linear | QuantizedLinear
+
     def __init__(self, config: MambaConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         d_inner, d_state, dt_rank = config.d_inner, config.d_state, config.dt_rank_value
         self.d_inner, self.d_state, self.dt_rank, self.d_conv = d_inner, d_state, dt_rank, config.d_conv
         self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.bias, **kw)
@@ -43,7 +53,7 @@ class MambaMixer(nn.Module):
         self._packed.clear()
         return super()._apply(fn, recurse)
 
-    def _project(self, x: Tensor, linear: nn.Linear, name: str, prefill: bool) -> Tensor:
+    def _project(self, x: Tensor, linear: nn.Linear | QuantizedLinear, name: str, prefill: bool) -> Tensor:
         """A projection; prefill's through oneDNN with packed weights where that wins (packed_linear.py)."""
         if prefill:
             return packed_linear.linear(x, linear.weight, linear.bias, self._packed, name)
@@ -62,6 +72,7 @@ class MambaMixer(nn.Module):
             torch.rand(self.d_inner, device=self.A_log.device) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
             + math.log(cfg.dt_min)
         ).clamp(min=cfg.dt_init_floor)
+        assert self.dt_proj.bias is not None  # built with bias=True
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def _ssm_inputs(self, x: Tensor, softplus: bool = True, prefill: bool = False) -> tuple[Tensor, Tensor, Tensor]:

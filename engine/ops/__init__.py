@@ -47,6 +47,7 @@ def ssm_scan(
             valid = torch.arange(dt.shape[1], device=dt.device) < lengths.to(dt.device).unsqueeze(1)
             dt = dt * valid.unsqueeze(-1)
     if kernels.ssm_kernels_for(x):
+        assert kernels.selective_scan_fn is not None  # ssm_kernels_for checked it (CUDA path only)
         out, h_last = kernels.selective_scan_fn(
             x.transpose(1, 2).contiguous(),
             dt.transpose(1, 2).contiguous(),
@@ -76,6 +77,7 @@ def ssm_scan(
 def ssm_step(h: Tensor, x: Tensor, dt: Tensor, A2: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor) -> Tensor:
     """One decode step on (b, ·) inputs; ``h`` (b, D, N) advances in place. ``A2 = A * log2(e)``."""
     if kernels.ssm_kernels_for(x):
+        assert kernels.selective_state_update is not None  # ssm_kernels_for checked it (CUDA path only)
         return kernels.selective_state_update(h, x, dt, A2 / LOG2E, B, C, D.float(), z=z)
     x32 = x.float()
     y = selective_state_step(h, x32, dt, A2, B.float(), C.float())
@@ -89,6 +91,7 @@ def conv(
     if kernels.conv_kernels_for(x):
         K = weight.shape[-1]
         window = time_window(x, conv_state, K)  # (b, K + L, D)
+        assert kernels.causal_conv1d_fn is not None  # conv_kernels_for checked it (CUDA path only)
         out = kernels.causal_conv1d_fn(window[:, 1:].transpose(1, 2).contiguous(), weight, bias, activation="silu")
         return out[..., K - 1 :].transpose(1, 2), last_window(window, lengths, K)
     fused = cpu_fused.causal_conv(x, weight, bias, conv_state)
@@ -100,6 +103,7 @@ def conv(
 def conv_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """One decode step on (b, D); ``conv_state`` (b, D, K) shifts in place."""
     if kernels.conv_kernels_for(x):
+        assert kernels.causal_conv1d_update is not None  # conv_kernels_for checked it (CUDA path only)
         return kernels.causal_conv1d_update(x, conv_state, weight, bias, activation="silu")
     return causal_conv1d_step(x, conv_state, weight, bias)
 

@@ -1,8 +1,8 @@
 """Fused CPU kernels (``csrc/crsm_fused.cpp``): built on first use, loaded with ctypes.
 
 Why a small C++ library rather than ``torch.compile`` or a torch C++
-extension (measured on the 2-core development VM, see README "Fused CPU
-kernels"): ``torch.compile`` of the decode step took ~52 s to compile on a
+extension (measured on the 2-core development VM, see docs/performance.md, "Fused
+CPU kernels"): ``torch.compile`` of the decode step took ~52 s to compile on a
 cold cache and needs a C++ compiler at run time anyway; a
 ``torch.utils.cpp_extension`` build includes ``<torch/extension.h>`` and
 takes tens of seconds per build. This source includes no torch header, so a
@@ -125,11 +125,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.crsm_selective_scan.restype = _int
     lib.crsm_selective_scan.argtypes = [_ptr] * 9 + [_i64] * 4 + [_ptr, _int, _ptr, _int]
     lib.crsm_causal_conv.restype = _int
-    lib.crsm_causal_conv.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr] + [_i64] * 4 + [_int]
+    # One list display each (not lists joined by +): mypy types a display by argtypes' declared type, but joins
+    # a concatenated mixed list to list[type[_CData]], which that type refuses.
+    lib.crsm_causal_conv.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, *[_i64] * 4, _int]
     lib.crsm_decode_layers.restype = _int
-    lib.crsm_decode_layers.argtypes = (
-        [_ptr, _int, _ptr, _ptr] + [_i64] * 7 + [_int, _f32] + [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _int]
-    )
+    lib.crsm_decode_layers.argtypes = [
+        _ptr, _int, _ptr, _ptr, *[_i64] * 7, _int, _f32, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _int
+    ]
     lib.crsm_int8_vnni.restype = _int
     lib.crsm_linear.restype = _int
     lib.crsm_linear.argtypes = [_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]

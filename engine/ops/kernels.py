@@ -7,12 +7,15 @@ for CUDA tensors. Everything works without them through the pure path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch import Tensor
 
-selective_scan_fn = None
-selective_state_update = None
-causal_conv1d_fn = None
-causal_conv1d_update = None
+selective_scan_fn: Callable[..., Any] | None = None
+selective_state_update: Callable[..., Any] | None = None
+causal_conv1d_fn: Callable[..., Any] | None = None
+causal_conv1d_update: Callable[..., Any] | None = None
 
 try:  # pragma: no cover - needs a CUDA build of mamba-ssm
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # type: ignore[no-redef]

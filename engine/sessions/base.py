@@ -108,8 +108,11 @@ class SessionBackend(Protocol):
     ``owner`` scopes every call: another owner's session is :class:`SessionNotFound`.
     """
 
-    evictions: int
     persistent: bool  # True: release() writes to disk or the network, so the engine calls it off its own thread
+
+    @property
+    def evictions(self) -> int:
+        """Sessions evicted for the byte budget or the TTL so far (read only: Redis counts them for every replica)."""
 
     def __len__(self) -> int: ...
 

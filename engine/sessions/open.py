@@ -7,6 +7,8 @@ missing; one server per directory).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from engine.sessions.base import DEFAULT_MAX_METADATA_BYTES, SessionBackend
@@ -19,7 +21,7 @@ def open_session_store(spec: str, *, shape: StateShape, model_id: str, device: t
     """The store ``spec`` names; a directory another process holds raises
     :class:`~engine.sessions.directory.StoreLocked`, an unreachable Redis
     :class:`~engine.sessions.base.SessionStoreUnavailable`."""
-    bounds = dict(max_bytes=max_bytes, ttl_seconds=ttl_seconds, max_metadata_bytes=max_metadata_bytes)
+    bounds: dict[str, Any] = dict(max_bytes=max_bytes, ttl_seconds=ttl_seconds, max_metadata_bytes=max_metadata_bytes)
     if spec == "memory":
         from engine.sessions.memory import SessionStore
 

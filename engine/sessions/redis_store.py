@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import redis
 import torch
@@ -80,15 +80,18 @@ class RedisSessionStore:
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}s:{session_id}"
 
-    def _call(self, action: Callable[[], T]) -> T:
+    def _call(self, action: Callable[[], Awaitable[Any] | T]) -> T:
+        """``action()``, its connection errors as :class:`SessionStoreUnavailable`. redis-py types every command's
+        reply as ``Awaitable | Any`` (its commands serve the asyncio client too); this client is synchronous, so the
+        ``Awaitable`` arm never occurs and the reply is the ``T`` part."""
         try:
-            return action()
+            return action()  # type: ignore[return-value]  # never an Awaitable: see above
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise SessionStoreUnavailable(f"the session store at {self.url} is unreachable: {exc}") from None
         except redis.exceptions.RedisError as exc:  # out of memory, read-only replica after a failover, ...
             raise SessionStoreUnavailable(f"the session store at {self.url} refused: {exc}") from None
 
-    def _run(self, script: str, *args) -> object:
+    def _run(self, script: str, *args) -> Any:  # the script's reply: an integer, or LEASE's [token, record]
         return self._call(lambda: self._scripts[script](keys=[], args=[self.prefix, *args]))
 
     def _decode(self, blob: bytes, session_id: str) -> Session:

@@ -80,18 +80,24 @@ class ChatTemplate:
 
     def _render_bytes(self, messages: Sequence[dict], add_generation_prompt: bool) -> RenderedChat:
         tok = self.tokenizer
-        end = tok.special_id("<|end|>")
+
+        def special(name: str) -> int:
+            token = tok.special_id(name)
+            assert token is not None, name  # a ByteTokenizer (see render): BYTE_SPECIALS has every role and <|end|>
+            return token
+
+        end = special("<|end|>")
         ids: list[int] = []
         boundaries: list[int] = []
         for m in messages:
-            ids += [tok.special_id(f"<|{m['role']}|>"), *tok.encode(m.get("content") or "")]
+            ids += [special(f"<|{m['role']}|>"), *tok.encode(m.get("content") or "")]
             if m["role"] == "assistant":
                 # Also before <|end|>: a reply cut by max_tokens was cached without it.
                 boundaries.append(len(ids))
             ids.append(end)
             boundaries.append(len(ids))
         if add_generation_prompt:
-            ids.append(tok.special_id("<|assistant|>"))
+            ids.append(special("<|assistant|>"))
             boundaries.append(len(ids))
         stops = [end] + ([tok.eos_id] if tok.eos_id is not None else [])
         return RenderedChat(ids, boundaries, stops)

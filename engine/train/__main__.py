@@ -23,21 +23,24 @@ STAGES = ("backbone", "dynamics", "assemble", "value", "pipeline")
 
 def run_stage(stage: str, config: Path) -> Path:
     if stage == "backbone":
-        from engine.train.backbone import BackboneConfig, train
+        from engine.train.backbone import BackboneConfig
+        from engine.train.backbone import train as train_backbone
 
-        return train(BackboneConfig.from_file(config))
+        return train_backbone(BackboneConfig.from_file(config))
     if stage == "dynamics":
-        from engine.train.dynamics import DynamicsConfig, train
+        from engine.train.dynamics import DynamicsConfig
+        from engine.train.dynamics import train as train_dynamics
 
-        return train(DynamicsConfig.from_file(config))
+        return train_dynamics(DynamicsConfig.from_file(config))
     if stage == "assemble":
         from engine.train.assemble import AssembleConfig, assemble
 
         return assemble(AssembleConfig.from_file(config))
     if stage == "value":
-        from engine.train.value import ValueConfig, train
+        from engine.train.value import ValueConfig
+        from engine.train.value import train as train_value
 
-        return train(ValueConfig.from_file(config))
+        return train_value(ValueConfig.from_file(config))
     raise ValueError(f"unknown stage {stage!r}")
 
 

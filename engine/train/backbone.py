@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine import tasks
 from engine.checkpoint import MANIFEST, save_checkpoint
 from engine.config import MambaConfig
 from engine.models import MambaLMHeadModel
 from engine.text.tokenizer import ByteTokenizer
-from engine import tasks
 from engine.train.common import (
     Dist,
     Metrics,

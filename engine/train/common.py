@@ -74,7 +74,7 @@ class StageConfig:
 
     @classmethod
     def from_file(cls: type[S], path: str | Path, **overrides: Any) -> S:
-        return load_section(cls, path, cls.section, **overrides)  # type: ignore[attr-defined]
+        return load_section(cls, path, cls.section, **overrides)
 
     @property
     def stage_dir(self) -> Path:

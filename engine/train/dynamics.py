@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from engine import tasks
 from engine.checkpoint import load_model
 from engine.models import MambaLMHeadModel
 from engine.models.planner_net import PLANNER_CONFIG_FILE, PlannerNet
-from engine import tasks
 from engine.train.common import Metrics, StageConfig, cosine_lr, load_train_state, save_train_state
 from engine.train.data import load_split, sample_windows
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine import tasks
 from engine.models import MambaLMHeadModel
 from engine.models.planner_net import PlannerNet
-from engine import tasks
 
 
 @dataclass

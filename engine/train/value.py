@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine import tasks
 from engine.checkpoint import MANIFEST, WEIGHTS, load_model, sha256_file
 from engine.models import MambaLMHeadModel
 from engine.models.planner_net import PlannerNet, load_planner
 from engine.text.tokenizer import ByteTokenizer
-from engine import tasks
 from engine.train import outcomes
 from engine.train.assemble import write_servable
 from engine.train.common import Metrics, StageConfig, cosine_lr, load_train_state, save_train_state

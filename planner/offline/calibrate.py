@@ -29,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.thinking import PlanDropped, StateDelta
 from planner.calibration import KEY, PLANNER_JSON
 from planner.tree import Calibration
+from planner.verifiers import judge
 
 SEED = 2027  # problems drawn apart from make eval's (seed + 11)
 
@@ -72,7 +74,7 @@ class RecordingLink:
     def __init__(self, planner):
         self.planner = planner
         self.deliver = None
-        self.deltas: dict[tuple[Hashable, int], object] = {}
+        self.deltas: dict[tuple[Hashable, int], StateDelta | PlanDropped] = {}
 
     def connect(self, deliver) -> None:
         self.deliver = deliver
@@ -85,6 +87,8 @@ class RecordingLink:
     def discard(self, request_id) -> None:
         self.planner.forget(request_id)
 
+    judge = staticmethod(judge)
+
 
 def examples(checkpoint: str, count: int, verifier: str | None, seed: int = SEED,
              simulations: int = 48) -> tuple[np.ndarray, np.ndarray, list[float]]:
@@ -94,14 +98,14 @@ def examples(checkpoint: str, count: int, verifier: str | None, seed: int = SEED
     lands; label 1 when the search's choice there is the next byte of the
     verified answer (or its ending newline) and the answer so far is right.
     """
+    from engine import tasks
     from engine.checkpoint import load_model
+    from engine.loop.scheduler import Engine
     from engine.models.planner_net import load_planner
     from engine.requests import GenerationRequest, TokenEvent
     from engine.sampling import SamplingParams
-    from engine.loop.scheduler import Engine
-    from engine.thinking import ThinkParams, ThoughtEvent
     from engine.text.tokenizer import ByteTokenizer
-    from engine import tasks
+    from engine.thinking import ThinkParams, ThoughtEvent
     from planner.planner import Planner
     from planner.simulators import BackboneSimulator
 
@@ -134,6 +138,7 @@ def examples(checkpoint: str, count: int, verifier: str | None, seed: int = SEED
         tokens = tok.encode(problem.prompt)[-1:] + generated  # the decision tokens (engine.thinking)
         for ev in (e for e in events if isinstance(e, ThoughtEvent) and e.outcome == "applied"):
             delta = link.deltas[(handle.id, ev.planned_at)]
+            assert isinstance(delta, StateDelta) and ev.applied_at is not None  # an applied thought landed a delta
             row = delta.branches[tuple(tokens[ev.planned_at : ev.applied_at + 1])]
             s = ev.applied_at
             right = generated[:s] == target[:s] and s < len(target) and delta.choices[row] == target[s]

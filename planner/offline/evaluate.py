@@ -49,22 +49,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine import tasks
 from engine.checkpoint import load_model
 from engine.loop.injection import land
+from engine.loop.scheduler import Engine
 from engine.models import MambaLMHeadModel
 from engine.models.planner_net import load_planner
 from engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from engine.sampling import SamplingParams
-from engine.loop.scheduler import Engine
-from engine.thinking import PlanDropped, PlanJob, StateDelta, ThinkParams
 from engine.text.tokenizer import ByteTokenizer
-from engine import tasks
+from engine.thinking import PlanDropped, PlanJob, StateDelta, ThinkParams
 from engine.train.common import StageConfig
 from engine.train.data import load_split, sample_windows
 from planner.calibration import load_calibration
 from planner.planner import Planner
 from planner.simulators import Simulator, choose_simulator, make_simulator
 from planner.tree import Calibration
+from planner.verifiers import judge
 
 DEFAULT_ARMS = {
     "server_defaults": {},  # what a request with "think": {} gets: the learned value only
@@ -115,10 +116,13 @@ class InlinePlanner:
         self.deliver = deliver
 
     def submit(self, job: PlanJob) -> None:
+        assert self.deliver is not None, "connected by Engine.attach_planner before any job"
         self.deliver(self.planner.run([job])[0])
 
     def discard(self, request_id: Hashable) -> None:
         self.planner.forget(request_id)
+
+    judge = staticmethod(judge)
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -161,7 +165,8 @@ def text_bits(model: MambaLMHeadModel, ids: torch.Tensor, prefix: int, planner: 
                                 params, ids[r, :prefix].tolist(), 1) for r in range(rows)]
                 pending += [d for d in planner.run(jobs) if isinstance(d, StateDelta)]
             for delta in sorted((d for d in pending if d.apply_at <= i), key=lambda d: d.planned_at):
-                r = int(delta.request_id)
+                r = delta.request_id
+                assert isinstance(r, int)  # the jobs above are keyed by their row
                 landing = land(state.ssm[:, r], delta, tokens[r, delta.planned_at : i + 1].tolist(),
                                i - delta.planned_at, params)
                 outcomes[landing.result] = outcomes.get(landing.result, 0) + 1
@@ -190,7 +195,8 @@ def answer(engine: Engine, problems: list[tasks.Problem], think: ThinkParams | N
                                                    max_tokens=max_tokens, stop=["\n"],
                                                    think=problem_params(think, p)))
                    for p in problems]
-        texts, outcomes = [], {}
+        texts: list[str] = []
+        outcomes: dict[str, int] = {}
         for handle in handles:
             parts = []
             async for event in handle.events():
