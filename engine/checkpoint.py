@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from engine.config import MambaConfig
+from engine.config import HF_ARCHITECTURES, HF_MODEL_TYPES, MambaConfig
 from engine.models import MambaLMHeadModel
 from engine.text.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -232,7 +232,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def detect_format(directory: str | Path) -> str:
-    """"crsm" (ours), "hf" (MambaForCausalLM) or "mamba_ssm"."""
+    """"crsm" (ours), "hf" (MambaForCausalLM, FalconMambaForCausalLM) or "mamba_ssm"."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -241,8 +241,12 @@ def detect_format(directory: str | Path) -> str:
     config = _read_json(directory / CONFIG)
     if "crsm_format_version" in config:
         raise CheckpointError(f"{directory / MANIFEST}: missing (a CRSM checkpoint is never loaded unverified)")
-    if config.get("model_type") == "mamba" or "MambaForCausalLM" in (config.get("architectures") or []):
+    model_type, architectures = config.get("model_type"), config.get("architectures") or []
+    if model_type in HF_MODEL_TYPES or any(a in HF_ARCHITECTURES for a in architectures):
         return "hf"
+    if model_type is not None:  # a Hugging Face config of another family: name what it is
+        raise CheckpointError(f"{directory / CONFIG}: model_type {model_type!r} is not served "
+                              f"(served: {', '.join(HF_MODEL_TYPES)}, mamba-ssm Mamba1 folders and ours)")
     if "d_model" in config and "n_layer" in config:
         return "mamba_ssm"
     raise CheckpointError(f"{directory / CONFIG}: neither a CRSM, mamba-ssm nor Hugging Face Mamba config")

@@ -2,9 +2,11 @@
 
 The field names follow mamba-ssm's ``MambaConfig`` so that a mamba-ssm
 ``config.json`` loads as is; :meth:`MambaConfig.from_hf_dict` maps the names
-of Hugging Face's ``MambaConfig``. Only Mamba-1 mixers without MLP or
-attention layers are supported: the engine's recurrent state is exactly one
-conv state and one SSM state per layer, which is what sessions cache.
+of Hugging Face's ``MambaConfig`` and ``FalconMambaConfig`` (Falcon-Mamba: the
+Mamba-1 mixer with weightless RMS norms on dt, B and C, ``mixer_rms_eps``).
+Only Mamba-1 mixers without MLP or attention layers are supported: the
+engine's recurrent state is exactly one conv state and one SSM state per
+layer, which is what sessions cache.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A config describes a model this engine cannot build."""
+
+
+# Hugging Face model types served, and their causal-LM class names (what config.json's ``architectures`` says).
+HF_MODEL_TYPES = ("mamba", "falcon_mamba")
+HF_ARCHITECTURES = ("MambaForCausalLM", "FalconMambaForCausalLM")
 
 
 @dataclass
@@ -35,6 +42,8 @@ class MambaConfig:
     residual_in_fp32: bool = True
     pad_vocab_size_multiple: int = 8
     tie_embeddings: bool = True
+    # Falcon-Mamba: the mixer normalises dt (before dt_proj), B and C with a weightless RMSNorm of this epsilon.
+    mixer_rms_eps: float | None = None
     # Initialisation only (kept so training reproduces mamba-ssm's init).
     dt_min: float = 0.001
     dt_max: float = 0.1
@@ -51,6 +60,9 @@ class MambaConfig:
             raise ConfigError(f"dt_rank must be 'auto' or a positive integer, got {self.dt_rank!r}")
         if self.pad_vocab_size_multiple <= 0:
             raise ConfigError("pad_vocab_size_multiple must be positive")
+        eps = self.mixer_rms_eps
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
+            raise ConfigError(f"mixer_rms_eps must be a number in (0, 1) or absent, got {eps!r}")
 
     # Derived sizes -----------------------------------------------------
     @property
@@ -84,6 +96,8 @@ class MambaConfig:
             "pad_vocab_size_multiple": self.pad_vocab_size_multiple,
             "tie_embeddings": self.tie_embeddings,
         }
+        if self.mixer_rms_eps is not None:  # only Falcon-Mamba's configs carry it (a Mamba-1 config is unchanged)
+            out["mixer_rms_eps"] = self.mixer_rms_eps
         if self.extra:
             out["extra"] = self.extra
         return out
@@ -95,11 +109,12 @@ class MambaConfig:
         ssm_cfg = dict(raw.pop("ssm_cfg", None) or {})
         layer = ssm_cfg.pop("layer", "Mamba1")
         if layer != "Mamba1":
-            raise ConfigError(f"only Mamba1 mixers are supported, config asks for {layer!r}")
-        if raw.pop("d_intermediate", 0):
-            raise ConfigError("configs with an MLP after each mixer (d_intermediate > 0) are not supported")
-        if raw.pop("attn_layer_idx", None):
-            raise ConfigError("hybrid configs with attention layers (attn_layer_idx) are not supported")
+            raise ConfigError(f"ssm_cfg.layer {layer!r} is not served (served: 'Mamba1')")
+        if d_intermediate := raw.pop("d_intermediate", 0):
+            raise ConfigError(f"d_intermediate {d_intermediate!r} (an MLP after each mixer) is not served (served: 0)")
+        if attn_layer_idx := raw.pop("attn_layer_idx", None):
+            raise ConfigError(f"attn_layer_idx {attn_layer_idx!r} (attention layers: a hybrid) is not served "
+                              "(served: none)")
         for ignored in ("crsm_format_version", "attn_cfg", "fused_add_norm", "initializer_cfg", "use_fast_path", "dt_init", "dt_scale", "layer_idx"):
             raw.pop(ignored, None)
             ssm_cfg.pop(ignored, None)
@@ -112,13 +127,17 @@ class MambaConfig:
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "MambaConfig":
-        """Map a Hugging Face ``MambaConfig`` dict (model_type 'mamba').
+        """Map a Hugging Face ``MambaConfig`` (model_type 'mamba') or ``FalconMambaConfig`` ('falcon_mamba') dict.
 
         HF does not pad the vocabulary, so the multiple is 1, and always uses
-        RMSNorm.
+        RMSNorm. Falcon-Mamba adds the mixer's norms (``mixer_rms_eps``).
         """
-        if raw.get("model_type") not in (None, "mamba"):
-            raise ConfigError(f"expected a Hugging Face 'mamba' config, got model_type={raw.get('model_type')!r}")
+        model_type = raw.get("model_type")
+        if model_type is None and "FalconMambaForCausalLM" in (raw.get("architectures") or []):
+            model_type = "falcon_mamba"  # a config that names only its class
+        if model_type not in (None, *HF_MODEL_TYPES):
+            raise ConfigError(f"config.json: model_type {model_type!r} is not served "
+                              f"(served: {', '.join(HF_MODEL_TYPES)})")
         if raw.get("hidden_act", "silu") != "silu":
             raise ConfigError("only the silu activation is supported")
         return cls(
@@ -139,4 +158,5 @@ class MambaConfig:
             dt_min=raw.get("time_step_min", 0.001),
             dt_max=raw.get("time_step_max", 0.1),
             dt_init_floor=raw.get("time_step_floor", 1e-4),
+            mixer_rms_eps=raw.get("mixer_rms_eps", 1e-6) if model_type == "falcon_mamba" else None,
         )

@@ -1,5 +1,8 @@
 """The Mamba-1 mixer: parameter names and shapes equal mamba-ssm's ``Mamba``.
 
+Falcon-Mamba's mixer is the same with weightless RMS norms on dt (before
+``dt_proj``), B and C (``config.mixer_rms_eps``); it has no parameter of its own.
+
 Two entry points: :meth:`MambaMixer.forward` runs a whole (right-padded)
 batch of sequences from given states, :meth:`MambaMixer.step` advances one
 token per sequence in place. Activations are (batch, length, features),
@@ -22,6 +25,12 @@ from engine.ops.selective_scan import LOG2E
 
 if TYPE_CHECKING:
     from engine.quant import QuantizedLinear
+
+
+def _weightless_rms_norm(x: Tensor, eps: float) -> Tensor:
+    """``x / rms(x)`` over the last dim, computed in float32 and returned in ``x``'s dtype (Falcon-Mamba's norm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class MambaMixer(nn.Module):
@@ -47,6 +56,7 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(d_inner, device=device, dtype=torch.float32))
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias, **kw)
         self._config = config
+        self.rms_eps = config.mixer_rms_eps  # Falcon-Mamba's norms on dt, B and C (None: Mamba-1)
         self._packed = packed_linear.PackedWeights()  # prefill's oneDNN copies of the projections (packed_linear.py)
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .float(), ...: packed copies of the old weights go
@@ -79,6 +89,8 @@ class MambaMixer(nn.Module):
         """dt (after softplus, or before it with ``softplus=False``), B, C from the conv output x (..., d_inner)."""
         dbc = self._project(x, self.x_proj, "x_proj", prefill)
         dt, B, C = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.rms_eps is not None:
+            dt, B, C = (_weightless_rms_norm(t, self.rms_eps) for t in (dt, B, C))
         dt = self._project(dt, self.dt_proj, "dt_proj", prefill).float()
         return (F.softplus(dt) if softplus else dt), B, C
 
