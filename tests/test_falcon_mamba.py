@@ -19,6 +19,7 @@ import torch
 from engine.checkpoint import CheckpointError, load_model
 from engine.config import ConfigError, MambaConfig
 from loadtest.bench_engine import write_byte_level_tokenizer
+from tests.hf_parity import max_logit_differences
 from tests.serving import ROOT, complete, ids_request, running_server, token_ids
 
 transformers = pytest.importorskip("transformers")
@@ -51,19 +52,8 @@ def test_prefill_and_decode_logits_match_transformers(tmp_path, tie):
     assert loaded.source_format == "hf" and model.config.mixer_rms_eps == 1e-6
     assert model.config.tie_embeddings == tie
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(ids).logits
-        full, _ = model(ids)
-        assert (full - ref).abs().max() < 1e-4
-        gen = hf.generate(ids[:, :16], max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True)
-        hf_steps = torch.stack(gen.logits, 1)  # (b, 32, V): one prefill + 31 cached steps
-        logits, state = model.prefill(ids[:, :16])
-        steps = [logits]
-        for t in range(31):  # batch 2: the size the fused CPU step would take, were it not kept off
-            logits = model.step(gen.sequences[:, 16 + t], state)
-            steps.append(logits)
-    assert (torch.stack(steps, 1) - hf_steps).abs().max() < 1e-4
+    forward, decode = max_logit_differences(hf, model, ids)  # decode at batch 2: the fused CPU step must stand aside
+    assert forward < 1e-4 and decode < 1e-4
 
 
 def test_the_norms_are_what_makes_it_falcon(tmp_path):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from engine import MambaConfig, MambaLMHeadModel
 from engine.checkpoint import load_model
 from tests.conftest import make_model
+from tests.hf_parity import max_logit_differences
 
 configs = st.fixed_dictionaries(
     {
@@ -146,17 +147,6 @@ def test_parity_with_transformers(tmp_path, tie):
     model = ours.model
     assert model.config.tie_embeddings == tie
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = hf(ids).logits
-        full, _ = model(ids)
-        assert (full - ref).abs().max() < 1e-4
-        gen = hf.generate(ids[:, :16], max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True)
-        hf_steps = torch.stack(gen.logits, 1)  # (b, 32, V): one prefill + 31 cached steps
-        logits, state = model.prefill(ids[:, :16])
-        steps = [logits]
-        for t in range(31):
-            logits = model.step(gen.sequences[:, 16 + t], state)
-            steps.append(logits)
-    assert (torch.stack(steps, 1) - hf_steps).abs().max() < 1e-4
+    forward, decode = max_logit_differences(hf, model, ids)
+    assert forward < 1e-4 and decode < 1e-4
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mamba"
