@@ -167,12 +167,13 @@ class PlannerPool:
         self.post = deliver
 
     def submit(self, job: PlanJob) -> None:
-        try:
-            if self._loop is None:
-                raise RuntimeError("not started")
-            self._loop.call_soon_threadsafe(self._enqueue, job)
-        except RuntimeError:  # not started, or its event loop is gone: answer at once
-            self.post(PlanDropped(job.request_id, job.planned_at, "error", "the planner pool is not running"))
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._enqueue, job)
+                return
+            except RuntimeError:  # its event loop is gone
+                pass
+        self.post(PlanDropped(job.request_id, job.planned_at, "error", "the planner pool is not running"))  # at once
 
     def discard(self, request_id: Hashable) -> None:
         if self._loop is None:

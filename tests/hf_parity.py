@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 
 
+def off_the_init(model) -> None:
+    """Move a transformers Mamba's A_log, dt bias and D off their initial values, so that every parameter matters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "A_log" in name or "dt_proj.bias" in name or name.endswith(".D"):
+                p.add_(0.5 * torch.randn_like(p))
+
+
 def max_logit_differences(hf, model, ids: torch.Tensor, prompt: int = 16, steps: int = 32) -> tuple[float, float]:
     """(max |ours - theirs| over a full forward of ``ids``, the same over ``steps`` decode logits after a prefill of
     ``ids[:, :prompt]``: one prefill and ``steps - 1`` cached steps, fed the tokens ``generate`` chose)."""

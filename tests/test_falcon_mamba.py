@@ -19,7 +19,7 @@ import torch
 from engine.checkpoint import CheckpointError, load_model
 from engine.config import ConfigError, MambaConfig
 from loadtest.bench_engine import write_byte_level_tokenizer
-from tests.hf_parity import max_logit_differences
+from tests.hf_parity import max_logit_differences, off_the_init
 from tests.serving import ROOT, complete, ids_request, running_server, token_ids
 
 transformers = pytest.importorskip("transformers")
@@ -33,10 +33,7 @@ def falcon_folder(folder, seed=0, **overrides):
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**cfg)).eval()
-    with torch.no_grad():  # move off the init so that every parameter matters
-        for name, p in model.named_parameters():
-            if "A_log" in name or "dt_proj.bias" in name or name.endswith(".D"):
-                p.add_(0.5 * torch.randn_like(p))
+    off_the_init(model)
     model.generation_config.eos_token_id = None  # every side generates exactly the greedy tokens
     model.generation_config.pad_token_id = 0
     model.save_pretrained(folder)

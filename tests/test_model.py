@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from engine import MambaConfig, MambaLMHeadModel
 from engine.checkpoint import load_model
 from tests.conftest import make_model
-from tests.hf_parity import max_logit_differences
+from tests.hf_parity import max_logit_differences, off_the_init
 
 configs = st.fixed_dictionaries(
     {
@@ -131,10 +131,7 @@ def hf_model(tmp_path, seed=0, **overrides):
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = transformers.MambaForCausalLM(transformers.MambaConfig(**cfg)).eval()
-    with torch.no_grad():  # move off the init so that every parameter matters
-        for name, p in model.named_parameters():
-            if "A_log" in name or "dt_proj.bias" in name or name.endswith(".D"):
-                p.add_(0.5 * torch.randn_like(p))
+    off_the_init(model)
     model.save_pretrained(tmp_path)
     return model
 

@@ -156,9 +156,11 @@ class Deliberation:
             self._results.clear()
         for result in results:
             seq = self._thinking.get(result.request_id)
-            if seq is None or thinking(seq)[1].outstanding.pop(result.planned_at, None) is None:
+            if seq is None:
                 continue
             plans = thinking(seq)[1]
+            if plans.outstanding.pop(result.planned_at, None) is None:
+                continue
             if isinstance(result, StateDelta):
                 plans.totals.simulations += result.simulations
                 plans.deltas.append(result)
