@@ -13,7 +13,9 @@ in it must be listed in the manifest with its size and hash (an unlisted
 file, a pickle beside the weights say, is refused by name), and nothing is
 ever unpickled. :func:`load_model` also reads mamba-ssm folders
 (``config.json`` + ``pytorch_model.bin`` via ``weights_only=True``, or
-safetensors) and Hugging Face ``MambaForCausalLM`` folders; those carry no
+safetensors; ``ssm_cfg.layer`` Mamba1 or Mamba2) and Hugging Face
+``MambaForCausalLM``, ``FalconMambaForCausalLM`` and ``Mamba2ForCausalLM``
+folders; those carry no
 hashes, so they load as *unverified* (logged, and reported by the server).
 """
 
@@ -232,7 +234,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def detect_format(directory: str | Path) -> str:
-    """"crsm" (ours), "hf" (MambaForCausalLM, FalconMambaForCausalLM) or "mamba_ssm"."""
+    """"crsm" (ours), "hf" (MambaForCausalLM, FalconMambaForCausalLM, Mamba2ForCausalLM) or "mamba_ssm"."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -246,7 +248,7 @@ def detect_format(directory: str | Path) -> str:
         return "hf"
     if model_type is not None:  # a Hugging Face config of another family: name what it is
         raise CheckpointError(f"{directory / CONFIG}: model_type {model_type!r} is not served "
-                              f"(served: {', '.join(HF_MODEL_TYPES)}, mamba-ssm Mamba1 folders and ours)")
+                              f"(served: {', '.join(HF_MODEL_TYPES)}, mamba-ssm Mamba1 / Mamba2 folders and ours)")
     if "d_model" in config and "n_layer" in config:
         return "mamba_ssm"
     raise CheckpointError(f"{directory / CONFIG}: neither a CRSM, mamba-ssm nor Hugging Face Mamba config")

@@ -206,7 +206,8 @@ def quantize_model(model: MambaLMHeadModel, mode: str) -> MambaLMHeadModel:
     for layer in model.backbone.layers:
         mixer = layer.mixer
         for name in LINEAR_NAMES:
-            setattr(mixer, name, QuantizedLinear(getattr(mixer, name), mode))
+            if hasattr(mixer, name):  # Mamba-2 mixers have only in_proj and out_proj
+                setattr(mixer, name, QuantizedLinear(getattr(mixer, name), mode))
     model.lm_head = QuantizedLinear(model.lm_head, mode)  # tied: a quantized copy; the embedding stays float32
     return model
 

@@ -108,9 +108,14 @@ def test_a_session_continued_over_http_equals_the_whole_history(served_folder):
 
 
 @pytest.mark.parametrize("config, named", [
-    ({"model_type": "mamba2", "hidden_size": 32, "num_hidden_layers": 2}, "model_type 'mamba2'"),
     ({"model_type": "nemotron_h", "hidden_size": 32}, "model_type 'nemotron_h'"),
-    ({"d_model": 32, "n_layer": 2, "vocab_size": 64, "ssm_cfg": {"layer": "Mamba2"}}, "ssm_cfg.layer 'Mamba2'"),
+    ({"d_model": 32, "n_layer": 2, "vocab_size": 64, "ssm_cfg": {"layer": "Mamba3"}}, "ssm_cfg.layer 'Mamba3'"),
+    ({"d_model": 32, "n_layer": 2, "vocab_size": 64, "ssm_cfg": {"layer": "Mamba2", "d_ssm": 32}},
+     "ssm_cfg.d_ssm 32"),
+    ({"d_model": 32, "n_layer": 2, "vocab_size": 64, "ssm_cfg": {"layer": "Mamba2", "D_has_hdim": True}},
+     "ssm_cfg.D_has_hdim True"),
+    ({"model_type": "mamba2", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64, "head_dim": 16,
+      "num_heads": 3}, "num_heads 3"),
     ({"d_model": 32, "n_layer": 2, "vocab_size": 64, "d_intermediate": 128}, "d_intermediate 128"),
     ({"d_model": 32, "n_layer": 2, "vocab_size": 64, "attn_layer_idx": [1]}, "attn_layer_idx [1]"),
 ])

@@ -1,7 +1,8 @@
-"""Mamba-1 language model, weight-compatible with mamba-ssm's ``MambaLMHeadModel``.
+"""Mamba-1 / Mamba-2 language model, weight-compatible with mamba-ssm's ``MambaLMHeadModel``.
 
 Parameter names: ``backbone.embedding``, ``backbone.layers.N.{norm,mixer.*}``,
-``backbone.norm_f``, ``lm_head``. Three ways to run it:
+``backbone.norm_f``, ``lm_head``; ``config.layer`` picks every layer's mixer
+(engine/modules/mixer.py, engine/modules/mixer2.py). Three ways to run it:
 
 - :meth:`MambaLMHeadModel.forward`: logits at every position (training, tests);
 - :meth:`MambaLMHeadModel.prefill`: a batch of prompts of different lengths,
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from engine.config import MambaConfig
 from engine.modules.block import Block, make_norm
 from engine.modules.fused_decode import FusedDecode
+from engine.modules.mixer2 import Mamba2Mixer
 from engine.ops import cpu_fused
 from engine.quant import QuantizedLinear, QuantizedWeight
 from engine.state import MambaState, StateShape
@@ -80,7 +82,9 @@ class MambaLMHeadModel(nn.Module):
             nn.init.normal_(self.backbone.embedding.weight, std=0.02)
             for layer in self.backbone.layers:
                 mixer = layer.mixer
-                for lin in (mixer.in_proj, mixer.x_proj, mixer.out_proj):
+                linears = (mixer.in_proj, mixer.out_proj) if isinstance(mixer, Mamba2Mixer) else (
+                    mixer.in_proj, mixer.x_proj, mixer.out_proj)
+                for lin in linears:
                     assert isinstance(lin, nn.Linear)  # initialised as built: quantize_model runs after loading
                     lin.reset_parameters()
                     if lin.bias is not None:
@@ -98,7 +102,8 @@ class MambaLMHeadModel(nn.Module):
     # State ------------------------------------------------------------
     def state_shape(self) -> StateShape:
         cfg = self.config
-        return StateShape(cfg.n_layer, cfg.d_inner, cfg.d_conv, cfg.d_state, conv_dtype=self.dtype)
+        return StateShape(cfg.n_layer, cfg.d_inner, cfg.d_conv, cfg.d_state, conv_dtype=self.dtype, arch=cfg.layer,
+                          conv_channels=cfg.conv_channels)
 
     def allocate_state(self, batch: int) -> MambaState:
         return self.state_shape().zeros(batch, device=self.device)

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from engine.config import MambaConfig
 from engine.modules.mixer import MambaMixer
+from engine.modules.mixer2 import Mamba2Mixer
 
 
 class RMSNorm(nn.Module):
@@ -39,7 +40,8 @@ class Block(nn.Module):
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
         self.norm = make_norm(config, device, dtype)
-        self.mixer = MambaMixer(config, device, dtype)
+        self.mixer: MambaMixer | Mamba2Mixer = (Mamba2Mixer if config.layer == "Mamba2" else MambaMixer)(
+            config, device, dtype)
         self.residual_in_fp32 = config.residual_in_fp32
 
     def _pre(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:

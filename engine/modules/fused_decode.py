@@ -209,6 +209,8 @@ class FusedDecode:
         """final_norm(all layers(embedded)) (b, d_model), states advanced in place; None where it cannot run."""
         cfg = model.config
         b = embedded.shape[0]
+        if cfg.layer != "Mamba1":
+            return None  # the C step is Mamba-1's: a Mamba-2 model runs its eager step
         if cfg.mixer_rms_eps is not None:
             return None  # the C step has no norms on dt, B and C (Falcon-Mamba): eager's step runs them
         if not self.wins(b, cfg) or not cpu_fused.usable(embedded, conv, ssm, model.lm_head.weight):

@@ -1,8 +1,9 @@
 """Mamba ops with one entry point each: CUDA kernels when present, pure PyTorch otherwise.
 
-The mixer calls only these four functions (and ``packed_linear.linear`` for
-its prefill projections), so the pure path and the kernel path share every
-line above the op level.
+The mixers call only these functions (and ``packed_linear.linear`` for their
+prefill projections): ``ssm_scan`` / ``ssm_step`` for Mamba-1, ``ssd_scan`` /
+``ssd_step`` for Mamba-2, ``conv`` / ``conv_step`` for both. So the pure path
+and the kernel path share every line above the op level.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from engine.ops.causal_conv1d import causal_conv1d as _causal_conv1d_pure
 from engine.ops.causal_conv1d import causal_conv1d_step, last_window, next_state, time_window
 from engine.ops.selective_scan import LOG2E, initial_state_contribution, selective_state_step
 from engine.ops.selective_scan import selective_scan as _selective_scan_pure
+from engine.ops.ssd import ssd_scan as _ssd_scan_pure
+from engine.ops.ssd import ssd_step as _ssd_step_pure
 
 
 def ssm_scan(
@@ -84,6 +87,35 @@ def ssm_step(h: Tensor, x: Tensor, dt: Tensor, A2: Tensor, B: Tensor, C: Tensor,
     return (torch.addcmul(y, x32, D) * F.silu(z.float())).to(x.dtype)
 
 
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, chunk_size: int,
+             h0: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mamba-2's scan plus the D skip over x (b, L, H, P), dt (b, L, H) final (bias, softplus, clamp, zero on
+    padding), A (H,), B/C (b, L, G, N), D (H,); returns (y (b, L, H, P) float32, last state (b, H, P, N) float32)."""
+    if kernels.ssd_kernels_for(x):
+        assert kernels.mamba_chunk_scan_combined is not None  # ssd_kernels_for checked it (CUDA path only)
+        y, h_last = kernels.mamba_chunk_scan_combined(
+            x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), chunk_size, D=D.float(),
+            initial_states=None if h0 is None else h0.float().contiguous(), return_final_states=True,
+        )  # dt is final: no dt_bias, no softplus, and the default dt_limit does not clamp
+        return y.float(), h_last.float()
+    y, h_last = _ssd_scan_pure(x, dt, A, B, C, chunk_size, h0)
+    return y + x.float() * D.float().view(-1, 1), h_last
+
+
+def ssd_step(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+    """One Mamba-2 decode step plus the D skip; ``h`` (b, H, P, N) float32 advances in place. x (b, H, P),
+    dt (b, H) final, A (H,), B/C (b, G, N), D (H,); returns y (b, H, P) float32."""
+    if kernels.ssd_kernels_for(x):
+        assert kernels.selective_state_update is not None  # ssd_kernels_for checked it (CUDA path only)
+        _, H, P, N = h.shape
+        return kernels.selective_state_update(  # per-head values broadcast over p (and n) as mamba-ssm passes them
+            h, x, dt.unsqueeze(-1).expand(-1, -1, P), A.float().view(H, 1, 1).expand(H, P, N), B, C,
+            D.float().view(H, 1).expand(H, P),
+        ).float()
+    y = _ssd_step_pure(h, x, dt, A, B, C)
+    return y + x.float() * D.float().view(-1, 1)
+
+
 def conv(
     x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None, lengths: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -108,4 +140,4 @@ def conv_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None
     return causal_conv1d_step(x, conv_state, weight, bias)
 
 
-__all__ = ["conv", "conv_step", "cpu_fused", "kernels", "ssm_scan", "ssm_step"]
+__all__ = ["conv", "conv_step", "cpu_fused", "kernels", "ssd_scan", "ssd_step", "ssm_scan", "ssm_step"]
