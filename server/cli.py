@@ -59,7 +59,8 @@ def options() -> tuple[Option, ...]:
 
     return (
         Option("--checkpoint", str, str(DEFAULT_CHECKPOINT),
-               "checkpoint folder: ours, a mamba-ssm folder or a Hugging Face MambaForCausalLM folder (detected)"),
+               "checkpoint folder: ours, a mamba-ssm folder (Mamba1 or Mamba2) or a Hugging Face MambaForCausalLM, "
+               "FalconMambaForCausalLM or Mamba2ForCausalLM folder (detected)"),
         Option("--host", str, "127.0.0.1", "interface to bind (0.0.0.0 for all)"),
         Option("--port", int, 8000, "TCP port"),
         Option("--model-name", str, "", "name reported by /v1/models and expected in requests (default: folder name)"),
@@ -81,6 +82,9 @@ def options() -> tuple[Option, ...]:
         Option("--session-lease-seconds", float, default_of(open_session_store, "lease_seconds"),
                "with redis://: a session's lease expires this long after its holder stops renewing it (a replica "
                "that died mid-request frees its session after this)"),
+        Option("--state-dtype", str, default_of(open_session_store, "state_dtype"),
+               "precision a directory or Redis store keeps each session's SSM state in: float32 or bfloat16 (half "
+               "the bytes; widened to float32 on load; greedy agreement after resume in docs/sessions-and-deploy.md)"),
         Option("--prefix-cache-bytes", int, default_of(PrefixCache, "max_bytes"),
                "byte budget of the automatic chat prefix cache"),
         Option("--max-body-bytes", int, default_of(ServerConfig, "max_body_bytes"),
@@ -182,7 +186,7 @@ def build(args: argparse.Namespace):
     sessions = open_session_store(
         args.session_store, shape=loaded.model.state_shape(), model_id=model_identity(args.checkpoint, weights_format(args)),
         device=loaded.model.device, max_bytes=args.session_bytes, ttl_seconds=args.session_ttl,
-        lease_seconds=args.session_lease_seconds)
+        lease_seconds=args.session_lease_seconds, state_dtype=args.state_dtype)
     engine = Engine(
         loaded.model, loaded.tokenizer, max_running=args.max_running, max_waiting=args.max_waiting,
         prefill_chunk=args.prefill_chunk, max_context=args.max_context, sessions=sessions,
@@ -194,7 +198,8 @@ def build(args: argparse.Namespace):
                           max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
                           api_keys=load_api_keys(args), metrics_api_key=args.metrics_api_key.strip(),
                           sse_ping_seconds=args.sse_ping_seconds, drain_timeout=args.drain_timeout,
-                          checkpoint_verified=loaded.verified)
+                          checkpoint_verified=loaded.verified, architecture=loaded.model.config.layer,
+                          state_bytes_per_session=loaded.model.state_shape().nbytes_per_sequence)
     app = create_app(engine, loaded.tokenizer, ChatTemplate.for_checkpoint(loaded.tokenizer, args.checkpoint), config,
                      metrics, planner=pool)
     return app, engine
@@ -238,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 < value < math.inf:  # a NaN TTL expired every session on disk; an infinite lease overflowed
             print(f"error: {flag} must be a positive finite number, not {value}", file=sys.stderr)
             return 2
+    if args.state_dtype not in ("float32", "bfloat16"):
+        print(f"error: --state-dtype must be float32 or bfloat16, not {args.state_dtype!r}", file=sys.stderr)
+        return 2
+    if args.state_dtype != "float32" and args.session_store == "memory":
+        print(f"error: --state-dtype {args.state_dtype} is the precision of a directory or Redis store; the memory "
+              "store keeps states as they run (float32)", file=sys.stderr)
+        return 2
     if args.threads < 0:
         print(f"error: --threads must be 0 (chosen at start-up) or a positive count, not {args.threads}",
               file=sys.stderr)

@@ -220,6 +220,11 @@ class ModelCard(_Body):
     max_model_len: int
     verified: bool = Field(description="extension: the checkpoint was verified against its manifest (sha256 of "
                                        "every file); false for a foreign mamba-ssm / Hugging Face folder")
+    architecture: str = Field(description="extension: the mixer every layer runs, Mamba1 (Mamba-1 and Falcon-Mamba) "
+                                          "or Mamba2")
+    state_bytes_per_session: int = Field(description="extension: bytes of one session's recurrent state in memory "
+                                                     "(conv windows and SSM states of every layer); a session costs "
+                                                     "this whatever its history's length")
 
 
 class ModelList(_Body):

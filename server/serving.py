@@ -61,6 +61,8 @@ class ServerConfig:
     sse_ping_seconds: float = 15.0  # keep-alive comment on a quiet stream (proxies close idle connections)
     drain_timeout: float = 15.0  # SIGTERM: requests in flight may finish for this long, then end (server/drain.py)
     checkpoint_verified: bool = True  # False: a foreign folder loaded without a manifest (shown in /v1/models)
+    architecture: str = "Mamba1"  # the model's mixer (MambaConfig.layer), shown in /v1/models
+    state_bytes_per_session: int = 0  # one sequence's recurrent state in memory, shown in /v1/models
 
 
 @dataclass(eq=False)  # compared and hashed by identity: the drain keeps a set of them
@@ -138,7 +140,9 @@ class Serving:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.config.model_name, created=int(time.time()), owned_by="crsm",
                                          max_model_len=self.engine.max_context,
-                                         verified=self.config.checkpoint_verified)])
+                                         verified=self.config.checkpoint_verified,
+                                         architecture=self.config.architecture,
+                                         state_bytes_per_session=self.config.state_bytes_per_session)])
 
     # Inputs ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:

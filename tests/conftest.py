@@ -37,7 +37,8 @@ def make_model(seed: int = 0, **overrides) -> MambaLMHeadModel:
     model = MambaLMHeadModel(MambaConfig(**base))
     with torch.no_grad():
         for layer in model.backbone.layers:
-            layer.mixer.dt_proj.bias.add_(torch.randn_like(layer.mixer.dt_proj.bias))
+            dt_bias = layer.mixer.dt_bias if base.get("layer") == "Mamba2" else layer.mixer.dt_proj.bias
+            dt_bias.add_(torch.randn_like(dt_bias))
             layer.mixer.A_log.add_(0.3 * torch.randn_like(layer.mixer.A_log))
             layer.mixer.D.add_(torch.randn_like(layer.mixer.D))
             layer.norm.weight.add_(0.1 * torch.randn_like(layer.norm.weight))

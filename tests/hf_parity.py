@@ -6,10 +6,11 @@ import torch
 
 
 def off_the_init(model) -> None:
-    """Move a transformers Mamba's A_log, dt bias and D off their initial values, so that every parameter matters."""
+    """Move a transformers Mamba's (or Mamba-2's) A_log, dt bias and D off their initial values, so that every
+    parameter matters."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "A_log" in name or "dt_proj.bias" in name or name.endswith(".D"):
+            if "A_log" in name or "dt_proj.bias" in name or "dt_bias" in name or name.endswith(".D"):
                 p.add_(0.5 * torch.randn_like(p))
 
 

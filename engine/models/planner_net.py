@@ -39,14 +39,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from engine.models.mamba_lm import MambaLMHeadModel
+from engine.config import MambaConfig
+from engine.models.mamba_lm import MambaLMHeadModel
 
 LOG2E = math.log2(math.e)
 PLANNER_PREFIX = "planner."
@@ -83,6 +83,15 @@ class Evaluation:
     layer_values: Tensor  # (b, n_layer)
 
 
+def _channel_decay_log(A_log: Tensor, cfg: MambaConfig) -> Tensor:
+    """A layer's log decay rates as (d_inner, d_state): Mamba-1's own, or Mamba-2's one per head spread over its
+    headdim channels and every state index (the net's dynamics is Mamba-1-shaped; it starts where the layer is)."""
+    A_log = A_log.detach().float()
+    if A_log.dim() == 2:
+        return A_log
+    return A_log.repeat_interleave(cfg.headdim).unsqueeze(1).expand(-1, cfg.d_state).contiguous()
+
+
 class PlannerNet(nn.Module):
     def __init__(self, config: PlannerConfig, A_log: Tensor | None = None):
         super().__init__()
@@ -117,7 +126,7 @@ class PlannerNet(nn.Module):
         """A fresh (untrained) net shaped for ``model``, with its decay rates ``A`` copied."""
         cfg = model.config
         config = PlannerConfig(cfg.n_layer, cfg.d_inner, cfg.d_state, cfg.vocab_size, **overrides)
-        A_log = torch.stack([layer.mixer.A_log.detach().float() for layer in model.backbone.layers])
+        A_log = torch.stack([_channel_decay_log(layer.mixer.A_log, cfg) for layer in model.backbone.layers])
         return cls(config, A_log)
 
     # Pieces (states are (n_layer, b, d_inner, d_state), the engine's layout) ----------

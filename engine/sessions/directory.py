@@ -77,8 +77,10 @@ class DirectorySessionStore:
 
     def __init__(self, root: str | Path, *, shape: StateShape, model_id: str, device: torch.device | str | None = None,
                  max_bytes: int = 1 << 30, ttl_seconds: float = 3600.0,
-                 max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES, clock: Callable[[], float] = time.time):
+                 max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES, clock: Callable[[], float] = time.time,
+                 state_dtype: torch.dtype | None = None):
         self.root = Path(root)
+        self.state_dtype = state_dtype  # the SSM state's precision on disk (None: as it runs, float32)
         self.root.mkdir(parents=True, exist_ok=True)
         self.shape, self.model_id, self.device = shape, model_id, device
         self.max_bytes, self.ttl, self.max_metadata_bytes = max_bytes, ttl_seconds, max_metadata_bytes
@@ -148,7 +150,7 @@ class DirectorySessionStore:
         creator, or the request leasing it) writes its file, and a reader sees
         the old record or the new one, never a part.
         """
-        blob = encode_session(session, self.model_id)
+        blob = encode_session(session, self.model_id, self.shape, self.state_dtype)
         tmp = self.root / f"{TMP_PREFIX}{session.id}-{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

@@ -29,9 +29,13 @@ _DIGEST = 32
 _UNKNOWN = object()
 
 
-def encode_session(session: Session, model_id: str) -> bytes:
-    """The record of ``session``, its state serialized with ``model_id`` as the writer."""
-    state_bytes = session.state.to_bytes(model_id) if session.state is not None else b""
+def encode_session(session: Session, model_id: str, shape: StateShape | None = None,
+                   state_dtype: torch.dtype | None = None) -> bytes:
+    """The record of ``session``, its state serialized with ``model_id`` as the writer and ``shape``'s arch; the
+    SSM part in ``state_dtype`` when given (a store's ``--state-dtype``)."""
+    arch = shape.arch if shape is not None else ""
+    state = session.state
+    state_bytes = state.to_bytes(model_id, arch=arch, ssm_dtype=state_dtype) if state is not None else b""
     header = {
         "format": RECORD_FORMAT, "model": model_id, "id": session.id, "owner": session.owner,
         "n_tokens": session.n_tokens, "pending": list(session.pending), "metadata": session.metadata,

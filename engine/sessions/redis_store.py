@@ -50,8 +50,9 @@ class RedisSessionStore:
     def __init__(self, url: str, *, shape: StateShape, model_id: str, device: torch.device | str | None = None,
                  max_bytes: int = 1 << 30, ttl_seconds: float = 3600.0,
                  max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES, lease_seconds: float = 15.0,
-                 prefix: str = "crsm:"):
+                 prefix: str = "crsm:", state_dtype: torch.dtype | None = None):
         self.url, self.prefix = url, prefix
+        self.state_dtype = state_dtype  # the SSM state's precision in Redis (None: as it runs, float32)
         self.shape, self.model_id, self.device = shape, model_id, device
         self.max_bytes, self.ttl, self.max_metadata_bytes = max_bytes, ttl_seconds, max_metadata_bytes
         self.lease_seconds = lease_seconds
@@ -138,7 +139,7 @@ class RedisSessionStore:
 
     # Mutations --------------------------------------------------------
     def _put_new(self, session: Session) -> Session:
-        blob = encode_session(session, self.model_id)
+        blob = encode_session(session, self.model_id, self.shape, self.state_dtype)
         if len(blob) > self.max_bytes:
             raise SessionTooLarge(f"one session ({len(blob)} bytes) exceeds the store's budget of "
                                   f"{self.max_bytes} bytes")
@@ -210,7 +211,7 @@ class RedisSessionStore:
         if state is not None:
             session.state, session.pending = state, list(pending or [])
             session.n_tokens = n_tokens if n_tokens is not None else session.n_tokens
-            blob = encode_session(session, self.model_id)
+            blob = encode_session(session, self.model_id, self.shape, self.state_dtype)
         result = self._run("WRITE_BACK", session.id, token, blob, self._ttl_ms, self.max_bytes)
         if result == -1:
             raise SessionLeaseLost(f"the lease on session {session.id} was lost (expired or taken by another "
