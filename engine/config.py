@@ -132,6 +132,7 @@ class MambaConfig:
     # Serialisation -----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """mamba-ssm layout: the SSM fields live under ``ssm_cfg``."""
+        ssm_keys: tuple[str, ...]
         if self.layer == "Mamba2":
             ssm_keys = ("d_state", "d_conv", "expand", *_MAMBA2_ONLY, "conv_bias", "bias", "dt_min", "dt_max",
                         "dt_init_floor")

@@ -1,6 +1,8 @@
 """Engine benchmark: our Mamba (float32, bf16 and int8 weights) against transformers and llama.cpp, same weights.
 
-Every side holds the same seeded random weights: transformers' ``MambaForCausalLM`` is built first and saved; ours
+Every side holds the same seeded random weights: transformers' ``MambaForCausalLM`` (``--arch mamba1``) or
+``Mamba2ForCausalLM`` (``--arch mamba2``: d_state 128, head_dim 64, n_groups 1, a tied head) is built first
+and saved; ours
 loads that folder through the production loader (with ``--quantize`` modes applied); llama.cpp, where installed
 (see ``loadtest/llama_peer.py``), runs the folder converted to GGUF f32 and quantized to Q8_0. Rounds are
 interleaved: each round times every side once on every measure, so a shared machine's drifts hit all alike;
@@ -14,6 +16,7 @@ given as a fraction of its limit: decode b1 as weight bytes per token x tok/s ov
 batched decode and prefill as FLOPs per token x tok/s over the float32 matmul rate.
 
     python -m loadtest.bench_engine --shape 130m --quantize none,bf16,int8 --llama-bench PATH --llama-src SRC
+    python -m loadtest.bench_engine --arch mamba2 --shape 130m --out loadtest/results/bench_engine_mamba2_130m.json
 """
 
 from __future__ import annotations
@@ -39,13 +42,25 @@ PREFILLS = (512, 2048)
 TARGETS = {"decode_b1": 3.0, "prefill_2048": 10.0}  # ours float32 over transformers
 
 
-def build_hf(shape: dict, folder: Path):
+ARCHS = {"mamba1": {"d_state": 16, "expand": 2, "d_conv": 4},
+         "mamba2": {"d_state": 128, "expand": 2, "d_conv": 4, "head_dim": 64, "n_groups": 1, "chunk_size": 256}}
+
+
+def build_hf(shape: dict, folder: Path, arch: str = "mamba1"):
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.MambaConfig(vocab_size=shape["vocab"], hidden_size=shape["d_model"],
-                                   num_hidden_layers=shape["n_layer"], state_size=16, expand=2, conv_kernel=4)
-    hf = transformers.MambaForCausalLM(cfg).eval()
+    if arch == "mamba2":
+        d_inner = 2 * shape["d_model"]
+        cfg = transformers.Mamba2Config(vocab_size=shape["vocab"], hidden_size=shape["d_model"],
+                                        num_hidden_layers=shape["n_layer"], state_size=128, expand=2, conv_kernel=4,
+                                        head_dim=64, num_heads=d_inner // 64, n_groups=1, chunk_size=256,
+                                        tie_word_embeddings=True)  # as state-spaces/mamba2-130m
+        hf = transformers.Mamba2ForCausalLM(cfg).eval()
+    else:
+        cfg = transformers.MambaConfig(vocab_size=shape["vocab"], hidden_size=shape["d_model"],
+                                       num_hidden_layers=shape["n_layer"], state_size=16, expand=2, conv_kernel=4)
+        hf = transformers.MambaForCausalLM(cfg).eval()
     # No EOS: every side must generate exactly the greedy tokens, token 0 included.
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
@@ -184,7 +199,7 @@ def run(args: argparse.Namespace) -> dict:
     limits: dict[str, list[float]] = {"memory_read_gbps": [], "matmul_gflops": []}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         folder = Path(tmp) / "hf"
-        hf = build_hf(shape, folder)
+        hf = build_hf(shape, folder, args.arch)
         sides = load_sides(args, with_tokenizer(folder, Path(tmp) / "ours"), hf if args.hf else None)
         cost = {name: (weight_bytes_per_token(m), machine_limits.flops_per_token(m),
                        machine_limits.flops_per_token(m, head=False)) for name, m in sides.items() if name != "hf"}
@@ -228,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
                      "llama.cpp": tools.version() if tools else None},
         "llama_cpp": {"present": tools is not None, "why_absent": why_no_llama or None,
                       "gguf_bytes": gguf_bytes},
-        "shape": args.shape, "model": {**shape, "d_state": 16, "expand": 2, "d_conv": 4, "weights": "random, seed 0"},
+        "shape": args.shape, "arch": args.arch, "model": {**shape, **ARCHS[args.arch], "weights": "random, seed 0"},
         "precision": precision, "cost_per_token": {k: {"weight_bytes": b, "flops": f, "prefill_flops": pf}
                                                     for k, (b, f, pf) in cost.items()},
         "decode_tokens": args.decode_tokens, "repeats": args.repeats, "allocator_tuned": args.tune_allocator,
@@ -268,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/bench_engine.json"))
     parser.add_argument("--shape", choices=sorted(SHAPES), default="default")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="mamba1", help="the mixer of every layer")
     parser.add_argument("--quantize", default="none,bf16,int8",
                         help="comma-separated weight modes of ours: none (float32), bf16, int8")
     parser.add_argument("--measures", default=",".join([f"decode_b{b}" for b in BATCHES] +

@@ -44,7 +44,8 @@ def measure(repeats: int = 3) -> dict[str, list[float]]:
 
 
 def flops_per_token(model, head: bool = True) -> float:
-    """Forward FLOPs per token: 2 per linear weight, plus the scan's ~9 per (d_inner x d_state) element per layer.
+    """Forward FLOPs per token: 2 per linear weight, plus the scan's ~9 per (d_inner x d_state) element per layer
+    (Mamba-1's scan; Mamba-2's decode step does about as much per element, its chunked prefill more in matmuls).
 
     ``head=False`` leaves the LM head out: a prefill computes logits at its last token only.
     """
@@ -52,8 +53,9 @@ def flops_per_token(model, head: bool = True) -> float:
     linear = 0
     for layer in model.backbone.layers:
         m = layer.mixer
-        for lin in (m.in_proj, m.x_proj, m.dt_proj, m.out_proj):
-            linear += lin.in_features * lin.out_features
+        for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):  # a Mamba-2 mixer has in_proj and out_proj
+            if (lin := getattr(m, name, None)) is not None:
+                linear += lin.in_features * lin.out_features
     if head:
         linear += cfg.d_model * cfg.vocab_size
     return 2.0 * linear + 9.0 * cfg.n_layer * cfg.d_inner * cfg.d_state

@@ -29,8 +29,11 @@ from tests.hf_parity import max_logit_differences, off_the_init
 from tests.serving import ROOT, complete, ids_request, running_server, token_ids
 
 # Mamba-1's own tests, collected here again: they run against this module's `checkpoint` and `model` fixtures.
-from tests.test_replicas_redis import redis_url, replicas  # noqa: F401 (fixtures)
-from tests.test_replicas_redis import test_a_session_made_on_a_continues_on_b_as_on_one_server  # noqa: F401
+from tests.test_replicas_redis import (  # noqa: F401 (fixtures)
+    redis_url,
+    replicas,
+    test_a_session_made_on_a_continues_on_b_as_on_one_server,  # noqa: F401
+)
 from tests.test_scheduler import test_prefix_cache_reuses_a_conversation  # noqa: F401
 from tests.test_server import test_fork_is_independent, test_session_continuation_equals_one_shot  # noqa: F401
 from tests.test_session_store_serving import (  # noqa: F401
@@ -290,3 +293,37 @@ def test_a_store_kept_in_bfloat16_resumes(checkpoint, model, tmp_path):
         resumed = complete(url, **ids_request(list(b" more"), 4, session_id=sid))
     assert first == reference_greedy(model, prompt, 4)
     assert resumed["usage"]["completion_tokens"] == 4  # agreement with float32 is measured in loadtest/
+
+
+# Thinking on Mamba-2 -------------------------------------------------------------------------------------------
+def test_the_planner_stages_train_on_a_mamba2_backbone_and_think_runs_with_a_verifier(tmp_path):
+    """The pipeline (backbone, dynamics, assembly, value) on a tiny Mamba-2, then ``/think`` with the task
+    verifier over HTTP: plans are searched on Mamba-2 states, their decision deltas land, the verdict is given."""
+    from engine.models.planner_net import load_planner
+    from tests.test_think_http import sse_json
+    from tests.test_train_pipeline import run_cli
+    from tests.train_helpers import tiny_pipeline_config
+
+    model = {"layer": "Mamba2", "d_model": 32, "n_layer": 2, "d_state": 8, "headdim": 16, "ngroups": 2,
+             "chunk_size": 16}
+    config = tiny_pipeline_config(tmp_path, backbone={"model": model})
+    run_cli("pipeline", "--config", str(config), timeout=600)
+    ckpt = tmp_path / "run" / "checkpoint"
+    loaded = load_model(ckpt)
+    assert loaded.model.config.layer == "Mamba2"
+    planner = load_planner(ckpt, loaded.model)
+    assert planner.trained and planner.record["stage"] == "value"
+    with running_server(ckpt, "--planner-workers", "1", timeout=120) as url:
+        body = {"prompt": "Q: 12+30=\nA: ", "max_tokens": 12, "temperature": 0, "deliberation_lag": 0,
+                "plan_every": 1, "min_confidence": 0, "verifier": "task", "stop": ["\n"]}
+        for _ in range(30):  # the worker process loads in the background: until a plan comes back
+            with httpx.stream("POST", url + "/think", json=body, timeout=120) as r:
+                assert r.status_code == 200
+                events = sse_json(r)
+            thoughts = [ev for kind, ev in events if kind == "thought"]
+            if any(t["outcome"] != "error" for t in thoughts):
+                break
+    kind, done = events[-1]
+    assert kind == "done" and done["usage"]["think"]["verifier"] == "task"
+    assert isinstance(done["usage"]["think"]["verified"], bool)
+    assert any(t["outcome"] == "applied" for t in thoughts), [t["outcome"] for t in thoughts]

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.modules.block import Block, RMSNorm
+from engine.modules.mixer import MambaMixer
 from engine.ops import cpu_fused, kernels
 from engine.quant import QuantizedLinear
 
@@ -87,6 +88,8 @@ def _layer_pointers(layer: Block, norm_type: type) -> tuple[int, list[int | None
     """(weight kind, the 17 pointers the C side expects for one block), or None if the block is not
     fused-eligible (its projections must share one weight kind)."""
     mixer, norm = layer.mixer, layer.norm
+    if not isinstance(mixer, MambaMixer):
+        return None  # the C step is Mamba-1's
     found = [_projection(m) for m in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj)]
     projections = [p for p in found if p is not None]
     if len(projections) != len(found) or len({p[0] for p in projections}) != 1:
@@ -120,6 +123,7 @@ def _packed_tensors(model: MambaLMHeadModel) -> list[Tensor]:
     held: list[Tensor | None] = []
     for layer in model.backbone.layers:
         mixer, norm = layer.mixer, layer.norm
+        assert isinstance(mixer, MambaMixer)  # packed only when every layer is (_layer_pointers)
         held += [norm.weight, getattr(norm, "bias", None), mixer.conv1d.weight, mixer.conv1d.bias,
                  mixer._A_for_decode(), mixer.D]
         for proj in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj):

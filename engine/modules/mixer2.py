@@ -92,12 +92,14 @@ class Mamba2Mixer(nn.Module):
         cfg = self._config
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
         self.D.fill_(1.0)
-        dt = torch.exp(torch.rand(self.nheads, device=self.dt_bias.device) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
-                       + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+        log_span = math.log(cfg.dt_max) - math.log(cfg.dt_min)
+        dt = torch.exp(torch.rand(self.nheads, device=self.dt_bias.device) * log_span + math.log(cfg.dt_min))
+        dt = dt.clamp(min=cfg.dt_init_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return torch.split(zxbcdt, [self.d_inner, self.conv_channels, self.nheads], dim=-1)
+        z, xbc, dt = torch.split(zxbcdt, [self.d_inner, self.conv_channels, self.nheads], dim=-1)
+        return z, xbc, dt
 
     def _dt(self, dt: Tensor) -> Tensor:
         """softplus(dt + dt_bias), clamped to ``dt_limit``, in float32."""
@@ -133,7 +135,8 @@ class Mamba2Mixer(nn.Module):
         h0 = None if ssm_state is None else ssm_state.view(b, self.nheads, self.headdim, self.d_state)
         y, h_last = ops.ssd_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D, self.chunk_size, h0)
         y = self.norm(y.reshape(b, L, self.d_inner), z)
-        out = packed_linear.linear(y.to(hidden.dtype), self.out_proj.weight, self.out_proj.bias, self._packed, "out_proj")
+        out = packed_linear.linear(y.to(hidden.dtype), self.out_proj.weight, self.out_proj.bias, self._packed,
+                                   "out_proj")
         return out, new_conv, h_last.reshape(b, self.d_inner, self.d_state)
 
     def step(self, hidden: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:

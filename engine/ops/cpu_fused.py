@@ -41,7 +41,7 @@ SOURCE = Path(__file__).with_name("csrc") / "crsm_fused.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 ENV_SWITCH = "CRSM_KERNELS"
 ENV_CACHE = "CRSM_KERNEL_CACHE"
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_STATE = 64  # kMaxState in the source
 MAX_CONV = 8  # kMaxConv in the source
 
@@ -132,6 +132,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.crsm_decode_layers.argtypes = [
         _ptr, _int, _ptr, _ptr, *[_i64] * 7, _int, _f32, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _int
     ]
+    lib.crsm_ssd_step.restype = _int
+    lib.crsm_ssd_step.argtypes = [_ptr, _i64, *[_ptr] * 7, *[_i64] * 5, _int]
     lib.crsm_int8_vnni.restype = _int
     lib.crsm_linear.restype = _int
     lib.crsm_linear.argtypes = [_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
@@ -234,6 +236,33 @@ def selective_scan(
     if rc != 0:
         raise RuntimeError(f"crsm_selective_scan returned {rc}")
     return out, h
+
+
+# Below this many state values per step (b x H x P x N) the SSD step runs on one thread (a barrier costs more).
+SSD_PARALLEL_MIN = 1 << 16
+
+
+def ssd_step(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor | None:
+    """Mamba-2's decode step in one pass over the state: ``h`` (b, H, P, N) advances in place; returns
+    ``h C + D x`` (b, H, P), or None where it cannot run (then the eager ops do it)."""
+    if h.dim() != 4 or not usable(h, x, dt, A, B, C, D):
+        return None
+    b, H, P, N = h.shape
+    G = B.shape[1] if B.dim() == 3 else 0
+    if (x.shape != (b, H, P) or dt.shape != (b, H) or A.shape != (H,) or D.shape != (H,) or G < 1 or H % G
+            or B.shape != (b, G, N) or C.shape != (b, G, N) or h.stride()[1:] != (P * N, N, 1)):
+        return None  # the C code trusts these sizes and strides
+    lib = library()
+    if lib is None:
+        return None
+    x, dt, A, B, C, D = (t.contiguous() for t in (x, dt, A, B, C, D))
+    y = x.new_empty(b, H, P)
+    threads = torch.get_num_threads() if b * H * P * N >= SSD_PARALLEL_MIN else 1
+    rc = lib.crsm_ssd_step(h.data_ptr(), h.stride(0), x.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(),
+                           C.data_ptr(), D.data_ptr(), y.data_ptr(), b, H, P, N, G, threads)
+    if rc != 0:
+        raise RuntimeError(f"crsm_ssd_step returned {rc}")
+    return y
 
 
 def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None) -> Tensor | None:

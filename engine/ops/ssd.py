@@ -60,16 +60,25 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     log_decay = (dt * A.float()).view(b, n_chunks, Q, G, hg).permute(0, 1, 3, 4, 2).cumsum(-1)  # (b, c, G, hg, Q)
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     h = x.new_zeros(b, G, hg, P, N) if h0 is None else h0.float().reshape(b, G, hg, P, N)
+    inputs = (x, dt, A, B, C) if h0 is None else (x, dt, A, B, C, h0)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     ys = []
     for c in range(n_chunks):
-        a = log_decay[:, c]  # (b, G, hg, Q)
-        scores = Cg[:, c] @ Bg[:, c].transpose(-1, -2)  # (b, G, Q, Q): C_l . B_s, shared by a group's heads
-        decay = (a.unsqueeze(-1) - a.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()  # (b, G, hg, Q, Q)
-        y = (scores.unsqueeze(2) * decay) @ xdt[:, c]  # within the chunk: (b, G, hg, Q, P)
-        y = y + (Cg[:, c].unsqueeze(2) @ h.transpose(-1, -2)) * a.exp().unsqueeze(-1)  # from the start state
-        ys.append(y)
+        a = log_decay[:, c]  # (b, G, hg, Q), decreasing along Q
+        # C_l . B_s, shared by a group's heads, zeroed above the diagonal (s > l). There a_l - a_s >= 0, whose exp
+        # could overflow: clamped to 0 it gives exp(0) = 1, which the zero score then removes.
+        scores = (Cg[:, c] @ Bg[:, c].transpose(-1, -2)).masked_fill_(~causal, 0.0).unsqueeze(2)  # (b, G, 1, Q, Q)
+        weights = a.unsqueeze(-1) - a.unsqueeze(-2)  # (b, G, hg, Q, Q)
+        if grad:  # training and the planner's decision deltas: out of place, for autograd
+            weights = weights.clamp_max(0.0).exp() * scores
+        else:
+            weights = weights.clamp_max_(0.0).exp_().mul_(scores)
+        y = weights @ xdt[:, c]  # within the chunk: (b, G, hg, Q, P)
+        from_start = (Cg[:, c].unsqueeze(2) @ h.transpose(-1, -2)) * a.exp().unsqueeze(-1)  # the start state's part
+        ys.append(y + from_start if grad else y.add_(from_start))
         to_end = (a[..., -1:] - a).exp()  # (b, G, hg, Q): decay from each step to the chunk's end
-        h = h * a[..., -1].exp()[..., None, None] + (xdt[:, c] * to_end.unsqueeze(-1)).transpose(-1, -2) @ Bg[:, c].unsqueeze(2)
+        inputs_to_end = (xdt[:, c] * to_end.unsqueeze(-1)).transpose(-1, -2)  # (b, G, hg, P, Q)
+        h = h * a[..., -1].exp()[..., None, None] + inputs_to_end @ Bg[:, c].unsqueeze(2)
     y = torch.stack(ys, 1).permute(0, 1, 4, 2, 3, 5).reshape(b, n_chunks * Q, H, P)[:, :L]
     return y, h.reshape(b, H, P, N)
 

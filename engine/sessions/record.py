@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+
 import torch
 
 from engine.sessions.base import Session, SessionStateInvalid
