@@ -192,7 +192,9 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     if args.tune_allocator:
         keep_freed_memory()  # process-wide: helps every side alike
-    shape = SHAPES[args.shape]
+    shape = dict(SHAPES[args.shape])
+    if args.arch == "mamba2":  # a multiple of 16, as mamba-ssm pads Mamba-2 vocabularies (and llama.cpp expects)
+        shape["vocab"] = -(-shape["vocab"] // 16) * 16
     tools, why_no_llama = (llama_peer.find_tools(args.llama_bench, args.llama_src) if args.llama
                            else (None, "--no-llama"))
     samples: dict[str, dict[str, list[float]]] = {}

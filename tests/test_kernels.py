@@ -187,6 +187,13 @@ def session(model, ids, lengths, split, steps, state_rows=None):
         (7, {"bias": True, "d_model": 40}, 9),  # from 6 rows: the broadcast GEMM (8-wide, row tails)
         (13, {"d_model": 48}, None),  # 16-wide
         (32, {"rms_norm": False}, None),  # two 16-wide vectors
+        # Mamba-2 (crsm_decode_layers2, crsm_ssd_step): groups, a conv width off the 16-lane grid, a dt limit,
+        # the norm before the gate, the broadcast GEMM's widths.
+        (1, {"layer": "Mamba2", "headdim": 16, "ngroups": 2, "chunk_size": 16}, None),
+        (3, {"layer": "Mamba2", "headdim": 8, "ngroups": 4, "d_state": 12, "bias": True}, 5),
+        (7, {"layer": "Mamba2", "headdim": 16, "dt_limit": (0.01, 0.3), "rms_norm": False}, 9),
+        (13, {"layer": "Mamba2", "headdim": 32, "norm_before_gate": True, "d_state": 16}, None),
+        (32, {"layer": "Mamba2", "headdim": 16, "ngroups": 2, "d_state": 16}, None),
     ],
 )
 def test_model_prefill_and_decode_match_eager(monkeypatch, b, overrides, state_rows):
@@ -218,10 +225,11 @@ def test_float_linear_matches_float64_for_every_row_count(m, k):
 
 
 @needs_cxx
-def test_fused_decode_runs_inside_model_step(monkeypatch):
+@pytest.mark.parametrize("overrides", [{}, {"layer": "Mamba2", "headdim": 16, "ngroups": 2}])
+def test_fused_decode_runs_inside_model_step(monkeypatch, overrides):
     """The step really takes the fused path (not silently eager) for a fp32 CPU model in inference."""
     set_mode(monkeypatch, "fused")
-    model = make_model(seed=2)
+    model = make_model(seed=2, **overrides)
     state = model.allocate_state(2)
     with torch.inference_mode():
         emb = model.backbone.embedding(torch.tensor([3, 4]))

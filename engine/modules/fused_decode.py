@@ -1,4 +1,4 @@
-"""The whole-model decode step through the fused CPU library (engine/ops/cpu_fused.py).
+"""The whole-model decode step through the fused CPU library (engine/ops/cpu_fused.py), Mamba-1 or Mamba-2.
 
 At batch 1 a small Mamba's step is ~25 eager ops per layer, each costing a
 few microseconds of dispatch for a few hundred FLOPs; one C call for every
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.modules.block import Block, RMSNorm
-from engine.modules.mixer import MambaMixer
+from engine.modules.mixer2 import Mamba2Mixer
 from engine.ops import cpu_fused, kernels
 from engine.quant import QuantizedLinear
 
@@ -84,12 +84,36 @@ torch.nn.modules.module.register_module_buffer_registration_hook(_Registrations.
 torch.nn.modules.module.register_module_module_registration_hook(_Registrations.bump)
 
 
+def _layer_pointers2(layer: Block, norm_type: type) -> tuple[int, list[int | None]] | None:
+    """(weight kind, the 14 pointers crsm_decode_layers2 expects for one Mamba-2 block (Slot2)), or None."""
+    mixer, norm = layer.mixer, layer.norm
+    assert isinstance(mixer, Mamba2Mixer)
+    found = [_projection(m) for m in (mixer.in_proj, mixer.out_proj)]
+    projections = [p for p in found if p is not None]
+    if len(projections) != 2 or projections[0][0] != projections[1][0]:
+        return None
+    (kind, in_w, in_s), (_, out_w, out_s) = projections
+    if type(norm) is not norm_type or norm.weight.dtype != torch.float32:
+        return None
+    small = (mixer.conv1d.weight, mixer.dt_bias, mixer.norm.weight)
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in small):
+        return None
+    return kind, [
+        _ptr(norm.weight), _ptr(getattr(norm, "bias", None)),
+        in_w, _ptr(mixer.in_proj.bias),
+        _ptr(mixer.conv1d.weight), _ptr(mixer.conv1d.bias),
+        _ptr(mixer.dt_bias), _ptr(mixer._A_for_decode()), _ptr(mixer.D), _ptr(mixer.norm.weight),
+        out_w, _ptr(mixer.out_proj.bias),
+        in_s, out_s,
+    ]  # fmt: skip
+
+
 def _layer_pointers(layer: Block, norm_type: type) -> tuple[int, list[int | None]] | None:
     """(weight kind, the 17 pointers the C side expects for one block), or None if the block is not
     fused-eligible (its projections must share one weight kind)."""
     mixer, norm = layer.mixer, layer.norm
-    if not isinstance(mixer, MambaMixer):
-        return None  # the C step is Mamba-1's
+    if isinstance(mixer, Mamba2Mixer):
+        return _layer_pointers2(layer, norm_type)
     found = [_projection(m) for m in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj)]
     projections = [p for p in found if p is not None]
     if len(projections) != len(found) or len({p[0] for p in projections}) != 1:
@@ -123,10 +147,13 @@ def _packed_tensors(model: MambaLMHeadModel) -> list[Tensor]:
     held: list[Tensor | None] = []
     for layer in model.backbone.layers:
         mixer, norm = layer.mixer, layer.norm
-        assert isinstance(mixer, MambaMixer)  # packed only when every layer is (_layer_pointers)
         held += [norm.weight, getattr(norm, "bias", None), mixer.conv1d.weight, mixer.conv1d.bias,
                  mixer._A_for_decode(), mixer.D]
-        for proj in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj):
+        if isinstance(mixer, Mamba2Mixer):
+            held += [mixer.dt_bias, mixer.norm.weight]
+        projections = ((mixer.in_proj, mixer.out_proj) if isinstance(mixer, Mamba2Mixer) else
+                       (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj))
+        for proj in projections:
             held += [_weight_tensor(proj), getattr(proj.weight, "scales", None), proj.bias]
     return [t.detach() for t in held if t is not None]
 
@@ -155,6 +182,9 @@ class FusedDecode:
 
     @staticmethod
     def layer_macs(b: int, cfg: MambaConfig) -> int:
+        if cfg.layer == "Mamba2":
+            in_width = 2 * cfg.d_inner + 2 * cfg.ngroups * cfg.d_state + cfg.nheads
+            return b * (cfg.d_model * in_width + cfg.d_inner * cfg.d_model + cfg.d_inner * cfg.d_state)
         d, di, p = cfg.d_model, cfg.d_inner, cfg.dt_rank_value + 2 * cfg.d_state
         return b * (d * 2 * di + di * p + di * cfg.dt_rank_value + di * d)
 
@@ -213,8 +243,6 @@ class FusedDecode:
         """final_norm(all layers(embedded)) (b, d_model), states advanced in place; None where it cannot run."""
         cfg = model.config
         b = embedded.shape[0]
-        if cfg.layer != "Mamba1":
-            return None  # the C step is Mamba-1's: a Mamba-2 model runs its eager step
         if cfg.mixer_rms_eps is not None:
             return None  # the C step has no norms on dt, B and C (Falcon-Mamba): eager's step runs them
         if not self.wins(b, cfg) or not cpu_fused.usable(embedded, conv, ssm, model.lm_head.weight):
@@ -224,9 +252,10 @@ class FusedDecode:
         norm_f = model.backbone.norm_f
         if type(norm_f) not in (RMSNorm, nn.LayerNorm) or norm_f.weight.dtype != torch.float32:
             return None
-        if cfg.d_state > cpu_fused.MAX_STATE or not _state_layout_ok(conv, ssm):
-            return None
-        expected = ((cfg.n_layer, b, cfg.d_inner, cfg.d_conv), (cfg.n_layer, b, cfg.d_inner, cfg.d_state))
+        mamba2 = cfg.layer == "Mamba2"
+        if (not mamba2 and cfg.d_state > cpu_fused.MAX_STATE) or not _state_layout_ok(conv, ssm):
+            return None  # Mamba-1's C step holds a channel's state on the stack; Mamba-2's streams it
+        expected = ((cfg.n_layer, b, cfg.conv_channels, cfg.d_conv), (cfg.n_layer, b, cfg.d_inner, cfg.d_state))
         if (tuple(conv.shape), tuple(ssm.shape)) != expected or tuple(embedded.shape) != (b, cfg.d_model):
             return None  # the C code trusts these sizes: anything else is eager's to refuse
         lib = cpu_fused.library()
@@ -237,6 +266,18 @@ class FusedDecode:
             return None
         hidden = embedded.contiguous().clone()
         out = torch.empty_like(hidden)
+        if mamba2:
+            low, high = cfg.dt_limit
+            rc = lib.crsm_decode_layers2(
+                weights, self._kind, norm_f.weight.data_ptr(), _ptr(getattr(norm_f, "bias", None)), cfg.n_layer, b,
+                cfg.d_model, cfg.d_inner, cfg.d_state, cfg.nheads, cfg.ngroups, cfg.d_conv,
+                int(type(norm_f) is RMSNorm), float(norm_f.eps), float(cfg.norm_epsilon), int(cfg.norm_before_gate),
+                float(low), float(min(high, 3.0e38)), hidden.data_ptr(), out.data_ptr(), conv.data_ptr(),
+                conv.stride(0), ssm.data_ptr(), ssm.stride(0), self.threads_for(b, cfg),
+            )  # fmt: skip
+            if rc != 0:
+                raise RuntimeError(f"crsm_decode_layers2 returned {rc}")
+            return out
         rc = lib.crsm_decode_layers(
             weights, self._kind, norm_f.weight.data_ptr(), _ptr(getattr(norm_f, "bias", None)), cfg.n_layer, b, cfg.d_model,
             cfg.d_inner, cfg.d_state, cfg.dt_rank_value, cfg.d_conv, int(type(norm_f) is RMSNorm),
@@ -251,7 +292,7 @@ class FusedDecode:
 def _state_layout_ok(conv: Tensor, ssm: Tensor) -> bool:
     """Each layer's (b, D, K) / (b, D, N) slice contiguous; layers may sit at any stride (decode-batch views)."""
     _, b, d, k = conv.shape
-    n = ssm.shape[-1]
+    _, _, di, n = ssm.shape  # Mamba-2's conv window is wider than its SSM state (x, B and C)
     return (
         conv.stride()[1:] == (d * k, k, 1) or b == 1 and conv.stride()[2:] == (k, 1)
-    ) and (ssm.stride()[1:] == (d * n, n, 1) or b == 1 and ssm.stride()[2:] == (n, 1))
+    ) and (ssm.stride()[1:] == (di * n, n, 1) or b == 1 and ssm.stride()[2:] == (n, 1))

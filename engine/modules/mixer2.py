@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from engine import ops
 from engine.config import MambaConfig
-from engine.ops import packed_linear
+from engine.ops import cpu_fused, packed_linear
 
 if TYPE_CHECKING:
     from engine.quant import QuantizedLinear
@@ -97,6 +97,18 @@ class Mamba2Mixer(nn.Module):
         dt = dt.clamp(min=cfg.dt_init_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
+    def _A_for_decode(self) -> Tensor:
+        """-exp(A_log) (H,) float32, cached until the parameter changes (its version counter; inference tensors
+        have none and are treated as frozen), for the fused decode step's pointer table."""
+        version = None if self.A_log.is_inference() else self.A_log._version
+        key = (version, self.A_log.data_ptr())
+        cached = getattr(self, "_A_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, -torch.exp(self.A_log.float()))
+            self._A_cache = cached
+        return cached[1]
+
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z, xbc, dt = torch.split(zxbcdt, [self.d_inner, self.conv_channels, self.nheads], dim=-1)
         return z, xbc, dt
@@ -139,13 +151,25 @@ class Mamba2Mixer(nn.Module):
                                    "out_proj")
         return out, new_conv, h_last.reshape(b, self.d_inner, self.d_state)
 
+    @staticmethod
+    def _step_linear(x: Tensor, linear: nn.Linear | QuantizedLinear) -> Tensor:
+        """A decode step's projection: float32 weights through the fused CPU GEMV (prefetching the next rows; torch's
+        ran at about half the memory bandwidth at batch 1), anything else through ``F.linear`` (engine/quant.py's
+        layers reach the same library from there)."""
+        weight = linear.weight
+        if type(weight) is nn.Parameter or type(weight) is Tensor:
+            fused = cpu_fused.linear(x, weight, None, linear.bias)
+            if fused is not None:
+                return fused
+        return F.linear(x, weight, linear.bias)
+
     def step(self, hidden: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
         """hidden (b, d_model) -> out (b, d_model); both states advance in place."""
         b = hidden.shape[0]
-        z, xbc, dt = self._split(F.linear(hidden, self.in_proj.weight, self.in_proj.bias))
+        z, xbc, dt = self._split(self._step_linear(hidden, self.in_proj))
         xbc = ops.conv_step(xbc, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         x, B, C = self._xbc(xbc)
         h = ssm_state.view(b, self.nheads, self.headdim, self.d_state)
-        y = ops.ssd_step(h, x, self._dt(dt), -torch.exp(self.A_log.float()), B, C, self.D)
+        y = ops.ssd_step(h, x, self._dt(dt), self._A_for_decode(), B, C, self.D)
         y = self.norm(y.reshape(b, self.d_inner), z)
-        return F.linear(y.to(hidden.dtype), self.out_proj.weight, self.out_proj.bias)
+        return self._step_linear(y.to(hidden.dtype), self.out_proj)

@@ -41,7 +41,7 @@ SOURCE = Path(__file__).with_name("csrc") / "crsm_fused.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 ENV_SWITCH = "CRSM_KERNELS"
 ENV_CACHE = "CRSM_KERNEL_CACHE"
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_STATE = 64  # kMaxState in the source
 MAX_CONV = 8  # kMaxConv in the source
 
@@ -131,6 +131,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.crsm_decode_layers.restype = _int
     lib.crsm_decode_layers.argtypes = [
         _ptr, _int, _ptr, _ptr, *[_i64] * 7, _int, _f32, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _int
+    ]
+    lib.crsm_decode_layers2.restype = _int
+    lib.crsm_decode_layers2.argtypes = [
+        _ptr, _int, _ptr, _ptr, *[_i64] * 8, _int, _f32, _f32, _int, _f32, _f32, _ptr, _ptr, _ptr, _i64, _ptr, _i64,
+        _int,
     ]
     lib.crsm_ssd_step.restype = _int
     lib.crsm_ssd_step.argtypes = [_ptr, _i64, *[_ptr] * 7, *[_i64] * 5, _int]

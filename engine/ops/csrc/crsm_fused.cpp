@@ -914,9 +914,108 @@ void ssm_update(const Dims& d, const float* const* w, const WeightRef& dt_w, con
 
 }  // namespace
 
+namespace {
+
+// --- Mamba-2's decode step ------------------------------------------------------
+//
+// Per layer: norm, in_proj to [z, x, B, C, dt] (Dz = 2 Di + 2 G N + H wide),
+// conv over the CC = Di + 2 G N channels of x, B and C, the SSD state
+// update per head (state (H, P, N) per row), the gated RMSNorm per group of
+// Di / G channels, out_proj. Pointers per layer, in this order:
+enum Slot2 : int {
+  k2NormW, k2NormB, k2InW, k2InB, k2ConvW, k2ConvB, k2DtBias, k2A, k2Dskip, k2GateNormW, k2OutW, k2OutB,
+  k2InS, k2OutS, kPerLayer2
+};
+
+struct Dims2 {
+  int64_t b, Dm, Di, N, H, P, G, K, CC, Dz;
+};
+
+// Conv window shift + depthwise conv + silu over the CC channels of x, B and
+// C (in_proj's output columns Di .. Di + CC), in groups of 16 channels.
+void conv_update2(const Dims2& d, const float* zx, float* conv_state, const float* cw, const float* cb, float* xc) {
+  const int64_t groups = (d.CC + kLanes - 1) / kLanes;
+#pragma omp for schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t c0 = g * kLanes, c1 = c0 + kLanes < d.CC ? c0 + kLanes : d.CC;
+    for (int64_t r = 0; r < d.b; ++r) {
+      float acc[kLanes];
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        float* s = conv_state + (r * d.CC + ch) * d.K;
+        float a = cb ? cb[ch] : 0.f;
+        for (int64_t k = 0; k + 1 < d.K; ++k) {
+          s[k] = s[k + 1];
+          a += s[k] * cw[ch * d.K + k];
+        }
+        s[d.K - 1] = zx[r * d.Dz + d.Di + ch];
+        acc[ch - c0] = a + s[d.K - 1] * cw[ch * d.K + d.K - 1];
+      }
+      if (c1 - c0 == kLanes) {
+        store16(xc + r * d.CC + c0, silu_vec(load16(acc)));
+      } else {
+        for (int64_t ch = c0; ch < c1; ++ch) xc[r * d.CC + ch] = silu(acc[ch - c0]);
+      }
+    }
+  }
+}
+
+// The SSD state update for every (row, head): dt = clamp(softplus(dt_raw +
+// bias)), h = exp(dt A) h + dt x B^T, y = h C + D x.
+void ssd_update(const Dims2& d, const float* const* w, const float* zx, const float* xc, float* ssm, float* y,
+                float dt_lo, float dt_hi) {
+  const int64_t per_group = d.H / d.G;
+#pragma omp for schedule(static)
+  for (int64_t bh = 0; bh < d.b * d.H; ++bh) {
+    const int64_t r = bh / d.H, head = bh % d.H, g = head / per_group;
+    float dt = softplus(zx[r * d.Dz + d.Di + d.CC + head] + w[k2DtBias][head]);
+    dt = dt < dt_lo ? dt_lo : (dt > dt_hi ? dt_hi : dt);
+    const float decay = exp2_fast(dt * w[k2A][head] * kLog2e), skip = w[k2Dskip][head];
+    const float* xs = xc + r * d.CC + head * d.P;
+    const float* Bn = xc + r * d.CC + d.Di + g * d.N;
+    const float* Cn = xc + r * d.CC + d.Di + d.G * d.N + g * d.N;
+    float* state = ssm + (r * d.H + head) * d.P * d.N;
+    float* ys = y + r * d.Di + head * d.P;
+    for (int64_t p = 0; p < d.P; ++p) {
+      const float u = dt * xs[p];
+      float* row = state + p * d.N;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t n = 0; n < d.N; ++n) {
+        const float v = row[n] * decay + u * Bn[n];
+        row[n] = v;
+        acc += v * Cn[n];
+      }
+      ys[p] = acc + skip * xs[p];
+    }
+  }
+}
+
+// y = rmsnorm_group(y * silu(z)) * w (norm_before_gate: rmsnorm_group(y) * w * silu(z)), per (row, group).
+void gated_norm(const Dims2& d, const float* zx, const float* gw, float eps, int norm_before_gate, float* y) {
+  const int64_t size = d.Di / d.G;
+#pragma omp for schedule(static)
+  for (int64_t rg = 0; rg < d.b * d.G; ++rg) {
+    const int64_t r = rg / d.G, c0 = (rg % d.G) * size;
+    float* ys = y + r * d.Di + c0;
+    const float* zs = zx + r * d.Dz + c0;
+    float sq = 0.f;
+    for (int64_t c = 0; c < size; ++c) {
+      if (!norm_before_gate) ys[c] *= silu(zs[c]);
+      sq += ys[c] * ys[c];
+    }
+    const float inv = 1.0f / std::sqrt(sq / size + eps);
+    for (int64_t c = 0; c < size; ++c) {
+      const float v = ys[c] * inv * gw[c0 + c];
+      ys[c] = norm_before_gate ? v * silu(zs[c]) : v;
+    }
+  }
+}
+
+}  // namespace
+
 extern "C" {
 
-int crsm_abi_version() { return 4; }
+int crsm_abi_version() { return 5; }
 
 // Mamba-2's decode step. h: (b, H, P, N) float32, batch stride sh_b, each
 // row's (H, P, N) contiguous, advanced in place; x, y: (b, H, P); dt: (b, H)
@@ -1048,6 +1147,39 @@ int crsm_decode_layers(const void* const* weights, int wkind, const float* norm_
 #pragma omp barrier
       ssm_update(d, w, dt_w, xz.data(), xc.data(), dbc.data(), ssm + l * ssm_layer_stride, y.data());
       linear_rows(out_w, w[kOutB], y.data(), hidden, b, Dm, Di, xtp);
+#pragma omp barrier
+    }
+    add_norm(hidden, residual.data(), normed_out, norm_f_w, norm_f_b, false, rms, eps, b, Dm);
+  }
+  return 0;
+}
+
+// Mamba-2's decode step through n_layer layers and the final norm (Slot2 for
+// the pointers; dims as named; conv: layer l at conv + l * conv_layer_stride,
+// (b, CC, K) contiguous; ssm likewise (b, H, P, N)).
+int crsm_decode_layers2(const void* const* weights, int wkind, const float* norm_f_w, const float* norm_f_b,
+                        int64_t n_layer, int64_t b, int64_t Dm, int64_t Di, int64_t N, int64_t H, int64_t G,
+                        int64_t K, int rms, float eps, float gate_eps, int norm_before_gate, float dt_lo, float dt_hi,
+                        float* hidden, float* normed_out, float* conv, int64_t conv_layer_stride, float* ssm,
+                        int64_t ssm_layer_stride, int n_threads) {
+  if (wkind < kF32 || wkind > kBF16 || H < 1 || G < 1 || H % G != 0 || Di % H != 0 || Di % G != 0) return 1;
+  const int64_t CC = Di + 2 * G * N, Dz = Di + CC + H;
+  const Dims2 d{b, Dm, Di, N, H, Di / H, G, K, CC, Dz};
+  std::vector<float> residual(b * Dm), normed(b * Dm), zx(b * Dz), xc(b * CC), y(b * Di),
+      xt(wkind == kF32 && b >= kBcastMinRows && b <= kBcastMaxRows ? (Dm > Di ? Dm : Di) * kBcastMaxRows : 0);
+  float* const xtp = xt.empty() ? nullptr : xt.data();
+#pragma omp parallel num_threads(n_threads)
+  {
+    for (int64_t l = 0; l < n_layer; ++l) {
+      const float* const* w = reinterpret_cast<const float* const*>(weights + l * kPerLayer2);
+      const WeightRef in_w{w[k2InW], w[k2InS], wkind}, out_w{w[k2OutW], w[k2OutS], wkind};
+      add_norm(hidden, residual.data(), normed.data(), w[k2NormW], w[k2NormB], l == 0, rms, eps, b, Dm);
+      linear_rows(in_w, w[k2InB], normed.data(), zx.data(), b, Dz, Dm, xtp);
+#pragma omp barrier
+      conv_update2(d, zx.data(), conv + l * conv_layer_stride, w[k2ConvW], w[k2ConvB], xc.data());
+      ssd_update(d, w, zx.data(), xc.data(), ssm + l * ssm_layer_stride, y.data(), dt_lo, dt_hi);
+      gated_norm(d, zx.data(), w[k2GateNormW], gate_eps, norm_before_gate, y.data());
+      linear_rows(out_w, w[k2OutB], y.data(), hidden, b, Dm, Di, xtp);
 #pragma omp barrier
     }
     add_norm(hidden, residual.data(), normed_out, norm_f_w, norm_f_b, false, rms, eps, b, Dm);
