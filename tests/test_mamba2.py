@@ -327,3 +327,30 @@ def test_the_planner_stages_train_on_a_mamba2_backbone_and_think_runs_with_a_ver
     assert kind == "done" and done["usage"]["think"]["verifier"] == "task"
     assert isinstance(done["usage"]["think"]["verified"], bool)
     assert any(t["outcome"] == "applied" for t in thoughts), [t["outcome"] for t in thoughts]
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_low_precision_weights_take_the_fused_mamba2_step_and_equal_the_layer_by_layer_one(mode):
+    """int8 / bf16 weights (engine/quant.py) run the whole-model C step; the layer-by-layer step (the same GEMV
+    kernel per projection, the rest eager) gives the same logits."""
+    from engine.quant import quantize_model
+
+    model = quantize_model(tiny_mamba2(seed=5, d_model=64, d_state=16), mode)
+    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(5))
+
+    def decode(max_batch: int):
+        model.fused_decode.max_batch = max_batch
+        with torch.inference_mode():
+            logits, state = model.prefill(ids)
+            probe = state.clone()
+            used = model.fused_decode.hidden(model, model.backbone.embedding(ids[:, -1]), probe.conv,
+                                             probe.ssm) is not None
+            tokens, outs = logits.argmax(-1), []
+            for _ in range(8):
+                outs.append(model.step(tokens, state))
+                tokens = outs[-1].argmax(-1)
+        return used, torch.stack(outs)
+
+    (fused_used, fused), (layered_used, layered) = decode(32), decode(0)
+    assert fused_used and not layered_used
+    torch.testing.assert_close(fused, layered, atol=2e-4, rtol=2e-4)
