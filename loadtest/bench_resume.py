@@ -44,6 +44,8 @@ from loadtest.run import stream_completion
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "default"
 SHAPE_130M = dict(d_model=768, n_layer=24, d_state=16, expand=2, d_conv=4)
+SHAPE_MAMBA2_130M = dict(layer="Mamba2", d_model=768, n_layer=24, d_state=128, headdim=64, ngroups=1, expand=2,
+                         d_conv=4)
 NEW_TOKENS = 16
 
 
@@ -183,7 +185,8 @@ def measure_write_back(redis_url: str, checkpoint: Path, repeats: int) -> dict:
     from engine.sessions.redis_store import RedisSessionStore
     from engine.state import StateShape
 
-    shapes = {"default": load_model(checkpoint).model.state_shape(), "mamba130m_shape": shape_130m()}
+    shapes = {"default": load_model(checkpoint).model.state_shape(), "mamba130m_shape": shape_130m(),
+              "mamba2_130m_shape": shape_130m(SHAPE_MAMBA2_130M)}
     out = {}
     for name, shape in shapes.items():
         state = shape.zeros(1)
@@ -210,12 +213,13 @@ def measure_write_back(redis_url: str, checkpoint: Path, repeats: int) -> dict:
     return out
 
 
-def shape_130m():
+def shape_130m(fields: dict | None = None):
     from engine.config import MambaConfig
     from engine.state import StateShape
 
-    cfg = MambaConfig(vocab_size=50280, **SHAPE_130M)
-    return StateShape(cfg.n_layer, cfg.d_inner, cfg.d_conv, cfg.d_state)
+    cfg = MambaConfig(vocab_size=50280, **(fields or SHAPE_130M))
+    return StateShape(cfg.n_layer, cfg.d_inner, cfg.d_conv, cfg.d_state, arch=cfg.layer,
+                      conv_channels=cfg.conv_channels)
 
 
 def state_sizes(checkpoint: Path) -> dict:
@@ -223,15 +227,22 @@ def state_sizes(checkpoint: Path) -> dict:
     from engine.checkpoint import load_model
     from engine.sessions import Session
     from engine.sessions.record import encode_session
+    from engine.state import STORED_SSM_DTYPES
 
     out = {}
-    for name, shape in (("default", load_model(checkpoint).model.state_shape()), ("mamba130m_shape", shape_130m())):
-        formula = shape.n_layer * shape.d_inner * (shape.d_conv * 4 + shape.d_state * 4)
-        record = encode_session(Session(id="sess-" + "0" * 24, owner=None, state=shape.zeros(1), pending=[1],
-                                        n_tokens=8000), "0" * 64)
-        out[name] = {"n_layer": shape.n_layer, "d_inner": shape.d_inner, "d_conv": shape.d_conv,
-                     "d_state": shape.d_state, "state_bytes": formula, "record_bytes": len(record),
-                     "formula": "n_layer * d_inner * (d_conv + d_state) * 4"}
+    shapes = (("checkpoint", load_model(checkpoint).model.state_shape()), ("mamba130m_shape", shape_130m()),
+              ("mamba2_130m_shape", shape_130m(SHAPE_MAMBA2_130M)))
+    for name, shape in shapes:
+        formula = shape.n_layer * (shape.conv_width * shape.d_conv * 4 + shape.d_inner * shape.d_state * 4)
+        assert formula == shape.nbytes_per_sequence
+        session = Session(id="sess-" + "0" * 24, owner=None, state=shape.zeros(1), pending=[1], n_tokens=8000)
+        records = {dtype: len(encode_session(session, "0" * 64, shape, STORED_SSM_DTYPES[dtype]))
+                   for dtype in STORED_SSM_DTYPES}
+        out[name] = {"arch": shape.arch, "n_layer": shape.n_layer, "d_inner": shape.d_inner,
+                     "conv_channels": shape.conv_width, "d_conv": shape.d_conv, "d_state": shape.d_state,
+                     "state_bytes": formula, "record_bytes": records["float32"],
+                     "record_bytes_by_state_dtype": records,
+                     "formula": "n_layer * (conv_channels * d_conv + d_inner * d_state) * 4"}
     return out
 
 

@@ -10,10 +10,11 @@
 
 The servers run as subprocesses on loopback (``python -m server``); the
 in-process engine runs in this process while the servers idle. The model is
-random (speed does not depend on the weights) of one of two shapes: ``default``
-(d_model 256, 4 layers, byte-level) or ``130m`` (Mamba-130M's: d_model 768, 24
+random (speed does not depend on the weights) of one of three shapes: ``default``
+(d_model 256, 4 layers, byte-level), ``130m`` (Mamba-130M's: d_model 768, 24
 layers, vocabulary 50280, with a tokenizer.json whose every id decodes to ASCII
-text, so each sampled token is one SSE frame); ``--quantize`` goes to the
+text, so each sampled token is one SSE frame) or ``130m-mamba2`` (Mamba2-130M's:
+the same width and depth, d_state 128, heads of 64); ``--quantize`` goes to the
 server and to the in-process engine alike.
 
     python -m loadtest.bench_serving [--checkpoint DIR] --out loadtest/results/bench_serving.json
@@ -47,7 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Model shapes (MambaConfig fields); vocab_size None: the byte-level tokenizer's.
 SHAPES = {"default": {"d_model": 256, "n_layer": 4, "vocab_size": None},
-          "130m": {"d_model": 768, "n_layer": 24, "vocab_size": 50280, "d_state": 16, "expand": 2, "d_conv": 4}}
+          "130m": {"d_model": 768, "n_layer": 24, "vocab_size": 50280, "d_state": 16, "expand": 2, "d_conv": 4},
+          # state-spaces/mamba2-130m's shape: Mamba-2 heads of 64, one group, d_state 128, vocabulary padded to 16.
+          "130m-mamba2": {"d_model": 768, "n_layer": 24, "vocab_size": 50288, "layer": "Mamba2", "d_state": 128,
+                          "headdim": 64, "ngroups": 1, "expand": 2, "d_conv": 4}}
 
 
 def write_tokenizer(path: Path, vocab_size: int) -> Path:

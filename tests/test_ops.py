@@ -75,8 +75,31 @@ def ref_selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 
 
 def ref_selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    assert not dt_softplus and dt_bias is None
+    if state.dim() == 4:  # Mamba-2's multi-head form: state (b, h, p, n), B/C (b, g, n), dt (b, h, p), A (h, p, n)
+        per_group = state.shape[1] // B.shape[1]
+        B, C = (t.repeat_interleave(per_group, dim=1).unsqueeze(2) for t in (B, C))  # (b, h, 1, n)
+        state.copy_(state * torch.exp(dt[..., None] * A) + (dt * x)[..., None] * B)
+        out = (state * C).sum(-1) + x * D
+        return out if z is None else out * F.silu(z)
     state.copy_(state * torch.exp(dt[..., None] * A) + (dt * x)[..., None] * B[:, None, :])
     return (torch.einsum("bdn,bn->bd", state, C) + x * D) * F.silu(z)
+
+
+def ref_mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                                  dt_softplus=False, return_final_states=False):
+    """mamba-ssm's SSD prefill, as a plain recurrence over time: x (b, l, h, p), dt (b, l, h), B/C (b, l, g, n)."""
+    assert not dt_softplus and dt_bias is None and z is None
+    b, L, H, P = x.shape
+    per_group = H // B.shape[2]
+    Bh, Ch = (t.repeat_interleave(per_group, dim=2) for t in (B, C))  # (b, l, h, n)
+    h = torch.zeros(b, H, P, B.shape[-1]) if initial_states is None else initial_states.clone()
+    ys = []
+    for t in range(L):
+        h = h * torch.exp(dt[:, t] * A)[..., None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None]
+        ys.append((h * Ch[:, t, :, None]).sum(-1) + x[:, t] * D[:, None])
+    y = torch.stack(ys, 1)
+    return (y, h) if return_final_states else y
 
 
 def ref_causal_conv1d_fn(x, weight, bias=None, activation=None):
@@ -97,7 +120,9 @@ def fake_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "selective_state_update", ref_selective_state_update)
     monkeypatch.setattr(kernels, "causal_conv1d_fn", ref_causal_conv1d_fn)
     monkeypatch.setattr(kernels, "causal_conv1d_update", ref_causal_conv1d_update)
+    monkeypatch.setattr(kernels, "mamba_chunk_scan_combined", ref_mamba_chunk_scan_combined)
     monkeypatch.setattr(kernels, "ssm_kernels_for", lambda t: True)
+    monkeypatch.setattr(kernels, "ssd_kernels_for", lambda t: True)
     monkeypatch.setattr(kernels, "conv_kernels_for", lambda t: True)
 
 
@@ -113,6 +138,21 @@ def run_session(model, ids, lengths, split):
             outs.append(logits)
             tok = logits.argmax(-1)
     return torch.stack(outs), state
+
+
+def test_mamba2_kernel_glue_matches_pure_path(monkeypatch, fake_kernels):
+    """The Mamba-2 calls into mamba_chunk_scan_combined and the multi-head selective_state_update (their argument
+    layouts, the per-head values broadcast over headdim, the carried state) give the pure SSD path's results."""
+    model = make_model(seed=4, layer="Mamba2", headdim=16, ngroups=2, chunk_size=8)
+    ids = torch.randint(0, 256, (2, 29), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([29, 17])
+    with_kernels, st_k = run_session(model, ids, lengths, split=9)
+    monkeypatch.setattr(kernels, "ssd_kernels_for", lambda t: False)
+    monkeypatch.setattr(kernels, "conv_kernels_for", lambda t: False)
+    pure, st_p = run_session(model, ids, lengths, split=9)
+    torch.testing.assert_close(with_kernels, pure, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(st_k.ssm, st_p.ssm, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(st_k.conv, st_p.conv, atol=1e-5, rtol=1e-5)
 
 
 def test_kernel_glue_matches_pure_path(monkeypatch, fake_kernels):
@@ -141,6 +181,25 @@ def test_cuda_kernels_match_pure_path(monkeypatch):  # pragma: no cover - GPU on
     monkeypatch.setattr(kernels, "conv_kernels_for", lambda t: False)
     pure, _ = run_session(model, ids, lengths, split=40)
     torch.testing.assert_close(with_kernels, pure, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and kernels.mamba_chunk_scan_combined is not None
+         and kernels.causal_conv1d_fn is not None),
+    reason="needs CUDA with mamba-ssm 2 (Triton) and causal-conv1d installed",
+)
+def test_cuda_mamba2_kernels_match_pure_path(monkeypatch):  # pragma: no cover - GPU only
+    """mamba_chunk_scan_combined (prefill, from a carried state, padded rows) and selective_state_update (the
+    multi-head step) against the pure SSD path, on a Mamba-2 with groups and a chunk the prompt is no multiple of."""
+    model = make_model(seed=5, layer="Mamba2", headdim=16, ngroups=2, chunk_size=64).cuda()
+    ids = torch.randint(0, 256, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    lengths = torch.tensor([300, 123], device="cuda")
+    with_kernels, st_k = run_session(model, ids, lengths, split=40)
+    monkeypatch.setattr(kernels, "ssd_kernels_for", lambda t: False)
+    monkeypatch.setattr(kernels, "conv_kernels_for", lambda t: False)
+    pure, st_p = run_session(model, ids, lengths, split=40)
+    torch.testing.assert_close(with_kernels, pure, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(st_k.ssm, st_p.ssm, atol=1e-3, rtol=1e-3)
 
 
 def test_ops_dispatch_uses_pure_path_on_cpu():
