@@ -192,11 +192,8 @@ class MambaConfig:
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "MambaConfig":
-        """Map a Hugging Face ``MambaConfig`` (model_type 'mamba') or ``FalconMambaConfig`` ('falcon_mamba') dict.
-
-        HF does not pad the vocabulary, so the multiple is 1, and always uses
-        RMSNorm. Falcon-Mamba adds the mixer's norms (``mixer_rms_eps``).
-        """
+        """Map a Hugging Face ``MambaConfig`` (model_type 'mamba'), ``FalconMambaConfig`` ('falcon_mamba') or
+        ``Mamba2Config`` ('mamba2') dict. Falcon-Mamba adds the mixer's norms (``mixer_rms_eps``)."""
         model_type = raw.get("model_type")
         if model_type is None:  # a config that names only its class
             by_class = dict(zip(HF_ARCHITECTURES, HF_MODEL_TYPES, strict=True))
@@ -210,23 +207,11 @@ class MambaConfig:
             return cls._from_hf_mamba2(raw)
         return cls(
             d_model=raw["hidden_size"],
-            n_layer=raw["num_hidden_layers"],
-            vocab_size=raw["vocab_size"],
             d_state=raw.get("state_size", 16),
-            d_conv=raw.get("conv_kernel", 4),
             expand=raw.get("expand", 2),
             dt_rank=raw.get("time_step_rank", "auto"),
-            conv_bias=raw.get("use_conv_bias", True),
-            bias=raw.get("use_bias", False),
-            rms_norm=True,
-            norm_epsilon=raw.get("layer_norm_epsilon", 1e-5),
-            residual_in_fp32=raw.get("residual_in_fp32", True),
-            pad_vocab_size_multiple=1,
-            tie_embeddings=raw.get("tie_word_embeddings", True),
-            dt_min=raw.get("time_step_min", 0.001),
-            dt_max=raw.get("time_step_max", 0.1),
-            dt_init_floor=raw.get("time_step_floor", 1e-4),
             mixer_rms_eps=raw.get("mixer_rms_eps", 1e-6) if model_type == "falcon_mamba" else None,
+            **_hf_shared_fields(raw, tie_default=True),
         )
 
     @classmethod
@@ -245,26 +230,34 @@ class MambaConfig:
         return cls(
             layer="Mamba2",
             d_model=d_model,
-            n_layer=raw["num_hidden_layers"],
-            vocab_size=raw["vocab_size"],
             d_state=raw.get("state_size", 128),
-            d_conv=raw.get("conv_kernel", 4),
             expand=expand,
             headdim=head_dim,
             ngroups=raw.get("n_groups", 8),
             chunk_size=raw.get("chunk_size", 256),
             dt_limit=tuple(limit),
-            conv_bias=raw.get("use_conv_bias", True),
-            bias=raw.get("use_bias", False),
-            rms_norm=True,
-            norm_epsilon=raw.get("layer_norm_epsilon", 1e-5),
-            residual_in_fp32=raw.get("residual_in_fp32", True),
-            pad_vocab_size_multiple=1,
-            tie_embeddings=raw.get("tie_word_embeddings", False),
-            dt_min=raw.get("time_step_min", 0.001),
-            dt_max=raw.get("time_step_max", 0.1),
-            dt_init_floor=raw.get("time_step_floor", 1e-4),
+            **_hf_shared_fields(raw, tie_default=False),
         )
+
+
+def _hf_shared_fields(raw: dict[str, Any], tie_default: bool) -> dict[str, Any]:
+    """The fields every Hugging Face Mamba config spells alike. HF does not pad the vocabulary (multiple 1) and
+    always uses RMSNorm; the tied head's default differs by family (Mamba-1 tied, Mamba-2 not)."""
+    return dict(
+        n_layer=raw["num_hidden_layers"],
+        vocab_size=raw["vocab_size"],
+        d_conv=raw.get("conv_kernel", 4),
+        conv_bias=raw.get("use_conv_bias", True),
+        bias=raw.get("use_bias", False),
+        rms_norm=True,
+        norm_epsilon=raw.get("layer_norm_epsilon", 1e-5),
+        residual_in_fp32=raw.get("residual_in_fp32", True),
+        pad_vocab_size_multiple=1,
+        tie_embeddings=raw.get("tie_word_embeddings", tie_default),
+        dt_min=raw.get("time_step_min", 0.001),
+        dt_max=raw.get("time_step_max", 0.1),
+        dt_init_floor=raw.get("time_step_floor", 1e-4),
+    )
 
 
 def _json_number(value: Any) -> Any:
