@@ -1,4 +1,5 @@
-"""Convert a mamba-ssm or Hugging Face Mamba folder into a CRSM checkpoint, or verify one.
+"""Convert a mamba-ssm (Mamba1 / Mamba2) or Hugging Face (Mamba, Falcon-Mamba, Mamba-2) folder into a CRSM
+checkpoint, or verify one.
 
     python -m engine.convert SRC DST [--dtype float32|bfloat16|float16]
     python -m engine.convert --verify DIR
