@@ -4,9 +4,9 @@ Random-weight folders made by transformers (no download), in several shapes (n_g
 32 and 16, tied and untied heads, prompts longer than one chunk and not a multiple of it): prefill and cached
 decode logits within 1e-4 of transformers', greedy tokens over HTTP equal ``generate`` (served directly, from
 a mamba-ssm folder and after ``engine.convert``). Batched, padded and continued prefills equal one-by-one
-ones. Sessions, forks, the prefix cache, the directory store across a restart and a ``kill -9``, and Redis
-replicas give the same greedy tokens as sending the whole history: those tests are Mamba-1's own, imported
-here and run against a Mamba-2 checkpoint.
+ones. Sessions, forks, the prefix cache, the directory store across a restart and a ``kill -9``, a drain that
+ends streams and writes their sessions behind, and Redis replicas give the same greedy tokens as sending the
+whole history: those tests are Mamba-1's own, imported here and run against a Mamba-2 checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from tests.hf_parity import max_logit_differences, off_the_init
 from tests.serving import ROOT, complete, ids_request, running_server, token_ids
 
 # Mamba-1's own tests, collected here again: they run against this module's `checkpoint` and `model` fixtures.
+from tests.test_drain import (  # noqa: F401
+    test_past_the_drain_timeout_streams_end_with_a_final_event_and_sessions_are_written_back,
+)
 from tests.test_replicas_redis import (  # noqa: F401 (fixtures)
     redis_url,
     replicas,
