@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: serve test typecheck reliability loadtool bench bench-130m bench-planner bench-kernels bench-contention bench-resume bench-replicas loadtest train eval dashboard docker docker-cuda docker-test compose venv clean
+.PHONY: serve test typecheck reliability loadtool bench bench-130m bench-mamba2 bench-planner bench-kernels bench-contention bench-resume bench-replicas loadtest train eval dashboard docker docker-cuda docker-test compose venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench: $(STAMP)
 
 bench-130m: $(STAMP)
 	$(PY) -m loadtest.bench_engine --shape 130m --repeats 3 --decode-tokens 32 --out loadtest/results/bench_engine_130m.json
+
+# Mamba-2 of state-spaces/mamba2-130m's shape against transformers and, where found, llama.cpp (docs/performance.md).
+bench-mamba2: $(STAMP)
+	$(PY) -m loadtest.bench_engine --arch mamba2 --shape 130m --repeats 5 --decode-tokens 64 --out loadtest/results/bench_engine_mamba2_130m.json
 
 bench-planner: $(STAMP)
 	$(PY) -m loadtest.bench_planner --out loadtest/results/bench_planner.json
