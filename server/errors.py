@@ -72,6 +72,9 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     if errors[0].get("type") == "json_invalid":
         return "request body is not valid JSON", None
     param = _field_path(tuple(errors[0].get("loc", ()))) or None
+    if errors[0].get("type") == "extra_forbidden":  # a field the body does not declare: never ignored
+        return (f"{param}: not supported by this server (a field it does not implement is refused, not ignored; "
+                f"see docs/api.md#fields)"), param
     messages = "; ".join(f"{_field_path(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5])
     return messages, param
 
@@ -84,7 +87,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation(exc)
-        return error_response(400, message, param=param, code="invalid_value")
+        errors = exc.errors()
+        code = "unsupported_parameter" if errors and errors[0].get("type") == "extra_forbidden" else "invalid_value"
+        return error_response(400, message, param=param, code=code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

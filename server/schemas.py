@@ -10,7 +10,11 @@ Hostile input is refused here, in one place, with a 400 naming the field:
   (``"\\ud800"``), which no tokenizer can encode and no response can echo; it is rejected, not replaced, so
   the server never generates from text the client did not send;
 - every number and every list has an upper bound, so absurd values never reach the engine (which still
-  checks what depends on the model: ``max_tokens`` against the context, ``top_k`` against the vocabulary).
+  checks what depends on the model: ``max_tokens`` against the context, ``top_k`` against the vocabulary);
+- no field is ignored: a field a body does not declare is a 400 naming it (``extra="forbid"``; code
+  ``unsupported_parameter``), as OpenAI answers an unrecognized argument. The few OpenAI fields accepted for
+  compatibility without an effect on the output (``user``, ``store``, ``metadata``, ``response_format`` of type
+  ``text``) are declared, and say so in their descriptions (so in ``/openapi.json``).
 """
 
 from __future__ import annotations
@@ -171,8 +175,21 @@ class ThinkOptions(_Request):
 THINK_FIELDS = tuple(ThinkOptions.model_fields)
 
 
+class ResponseFormatText(_Request):
+    """``response_format`` of type ``text``: what the server does anyway. Structured outputs (``json_object``,
+    ``json_schema``) are not implemented, so their types are a 400 naming ``response_format.type``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+
+
+# OpenAI fields that change nothing here, accepted so that clients which always send them work (docs/api.md).
+NO_EFFECT = "accepted for compatibility; no effect on the output"
+
+
 class _GenerationFields(_Request):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: Name | None = None
     max_tokens: Int | None = Field(None, ge=1, le=MAX_TOKENS)
@@ -192,7 +209,14 @@ class _GenerationFields(_Request):
     session_id: Name | None = Field(None, description="extension: continue this session's cached state")
     ignore_eos: bool = Field(False, description="extension")
     return_tokens_as_token_ids: bool = Field(False, description="extension (vLLM): logprob tokens read token_id:N")
-    user: Name | None = None
+    user: Name | None = Field(None, description=NO_EFFECT)
+    store: bool | None = Field(None, description=f"{NO_EFFECT} (nothing is stored for later retrieval)")
+    metadata: Annotated[dict[Annotated[Text, StringConstraints(max_length=64)],
+                             Annotated[Text, StringConstraints(max_length=512)]],
+                        Field(max_length=16)] | None = Field(None, description=f"{NO_EFFECT} (OpenAI's limits: 16 "
+                                                                               "keys of 64 characters, values of 512)")
+    response_format: ResponseFormatText | None = Field(None, description="only {\"type\": \"text\"}, the default; "
+                                                                         "structured outputs are not implemented")
     think: ThinkOptions | None = Field(None, description="extension: deliberate with the planner while generating")
 
     @field_validator("stop")
@@ -227,6 +251,8 @@ else:
 
 
 class ChatMessage(_Request):
+    model_config = ConfigDict(extra="forbid")  # an assistant message's tool_calls, a name: refused, never dropped
+
     role: Literal["system", "user", "assistant"]
     content: MessageContent | None = None
 
@@ -246,7 +272,7 @@ class ChatCompletionRequest(_GenerationFields):
 class ThinkRequest(_GenerationFields, ThinkOptions):
     """``POST /think``: a prompt and/or a session, generation parameters and the deliberation fields."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     prompt: ThinkPrompt = Field("", description="text or token ids; may be empty when continuing a session")
 
