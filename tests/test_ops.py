@@ -140,27 +140,18 @@ def run_session(model, ids, lengths, split):
     return torch.stack(outs), state
 
 
-def test_mamba2_kernel_glue_matches_pure_path(monkeypatch, fake_kernels):
-    """The Mamba-2 calls into mamba_chunk_scan_combined and the multi-head selective_state_update (their argument
-    layouts, the per-head values broadcast over headdim, the carried state) give the pure SSD path's results."""
-    model = make_model(seed=4, layer="Mamba2", headdim=16, ngroups=2, chunk_size=8)
+@pytest.mark.parametrize("overrides, scan_switch", [
+    ({}, "ssm_kernels_for"),
+    # Mamba-2: mamba_chunk_scan_combined and the multi-head selective_state_update (their argument layouts, the
+    # per-head values broadcast over headdim, the carried state)
+    ({"layer": "Mamba2", "headdim": 16, "ngroups": 2, "chunk_size": 8}, "ssd_kernels_for"),
+])
+def test_kernel_glue_matches_pure_path(monkeypatch, fake_kernels, overrides, scan_switch):
+    model = make_model(seed=4, **overrides)
     ids = torch.randint(0, 256, (2, 29), generator=torch.Generator().manual_seed(1))
     lengths = torch.tensor([29, 17])
     with_kernels, st_k = run_session(model, ids, lengths, split=9)
-    monkeypatch.setattr(kernels, "ssd_kernels_for", lambda t: False)
-    monkeypatch.setattr(kernels, "conv_kernels_for", lambda t: False)
-    pure, st_p = run_session(model, ids, lengths, split=9)
-    torch.testing.assert_close(with_kernels, pure, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(st_k.ssm, st_p.ssm, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(st_k.conv, st_p.conv, atol=1e-5, rtol=1e-5)
-
-
-def test_kernel_glue_matches_pure_path(monkeypatch, fake_kernels):
-    model = make_model(seed=4)
-    ids = torch.randint(0, 256, (2, 29), generator=torch.Generator().manual_seed(1))
-    lengths = torch.tensor([29, 17])
-    with_kernels, st_k = run_session(model, ids, lengths, split=9)
-    monkeypatch.setattr(kernels, "ssm_kernels_for", lambda t: False)
+    monkeypatch.setattr(kernels, scan_switch, lambda t: False)
     monkeypatch.setattr(kernels, "conv_kernels_for", lambda t: False)
     pure, st_p = run_session(model, ids, lengths, split=9)
     torch.testing.assert_close(with_kernels, pure, atol=1e-4, rtol=1e-4)
