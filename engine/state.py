@@ -63,8 +63,8 @@ class StateShape:
     @property
     def nbytes_per_sequence(self) -> int:
         """Bytes of one sequence's state (both parts, every layer) in memory."""
-        conv = self.n_layer * self.conv_width * self.d_conv * torch.empty(0, dtype=self.conv_dtype).element_size()
-        return conv + self.n_layer * self.d_inner * self.d_state * torch.empty(0, dtype=self.ssm_dtype).element_size()
+        conv = self.n_layer * self.conv_width * self.d_conv * self.conv_dtype.itemsize
+        return conv + self.n_layer * self.d_inner * self.d_state * self.ssm_dtype.itemsize
 
     def zeros(self, batch: int, device: torch.device | str | None = None) -> "MambaState":
         return MambaState(

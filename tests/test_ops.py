@@ -159,34 +159,25 @@ def test_kernel_glue_matches_pure_path(monkeypatch, fake_kernels, overrides, sca
     torch.testing.assert_close(st_k.conv, st_p.conv, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and kernels.selective_scan_fn is not None and kernels.causal_conv1d_fn is not None),
-    reason="needs CUDA with mamba-ssm and causal-conv1d installed",
-)
-def test_cuda_kernels_match_pure_path(monkeypatch):  # pragma: no cover - GPU only
-    model = make_model(seed=5).cuda()
-    ids = torch.randint(0, 256, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    lengths = torch.tensor([300, 123], device="cuda")
-    with_kernels, _ = run_session(model, ids, lengths, split=40)
-    monkeypatch.setattr(kernels, "ssm_kernels_for", lambda t: False)
-    monkeypatch.setattr(kernels, "conv_kernels_for", lambda t: False)
-    pure, _ = run_session(model, ids, lengths, split=40)
-    torch.testing.assert_close(with_kernels, pure, atol=1e-3, rtol=1e-3)
+_MAMBA1_KERNELS = kernels.selective_scan_fn is not None and kernels.causal_conv1d_fn is not None
+_MAMBA2_KERNELS = kernels.mamba_chunk_scan_combined is not None and kernels.causal_conv1d_fn is not None
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and kernels.mamba_chunk_scan_combined is not None
-         and kernels.causal_conv1d_fn is not None),
-    reason="needs CUDA with mamba-ssm 2 (Triton) and causal-conv1d installed",
-)
-def test_cuda_mamba2_kernels_match_pure_path(monkeypatch):  # pragma: no cover - GPU only
-    """mamba_chunk_scan_combined (prefill, from a carried state, padded rows) and selective_state_update (the
-    multi-head step) against the pure SSD path, on a Mamba-2 with groups and a chunk the prompt is no multiple of."""
-    model = make_model(seed=5, layer="Mamba2", headdim=16, ngroups=2, chunk_size=64).cuda()
+@pytest.mark.parametrize("overrides, scan_switch", [
+    pytest.param({}, "ssm_kernels_for", marks=pytest.mark.skipif(
+        not (torch.cuda.is_available() and _MAMBA1_KERNELS), reason="needs CUDA with mamba-ssm and causal-conv1d")),
+    # Mamba-2: mamba_chunk_scan_combined (prefill, from a carried state, padded rows) and the multi-head
+    # selective_state_update, with groups and a chunk the prompt is no multiple of
+    pytest.param({"layer": "Mamba2", "headdim": 16, "ngroups": 2, "chunk_size": 64}, "ssd_kernels_for",
+                 marks=pytest.mark.skipif(not (torch.cuda.is_available() and _MAMBA2_KERNELS),
+                                          reason="needs CUDA with mamba-ssm 2 (Triton) and causal-conv1d")),
+])
+def test_cuda_kernels_match_pure_path(monkeypatch, overrides, scan_switch):  # pragma: no cover - GPU only
+    model = make_model(seed=5, **overrides).cuda()
     ids = torch.randint(0, 256, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     lengths = torch.tensor([300, 123], device="cuda")
     with_kernels, st_k = run_session(model, ids, lengths, split=40)
-    monkeypatch.setattr(kernels, "ssd_kernels_for", lambda t: False)
+    monkeypatch.setattr(kernels, scan_switch, lambda t: False)
     monkeypatch.setattr(kernels, "conv_kernels_for", lambda t: False)
     pure, st_p = run_session(model, ids, lengths, split=40)
     torch.testing.assert_close(with_kernels, pure, atol=1e-3, rtol=1e-3)

@@ -33,6 +33,23 @@ def _weightless_rms_norm(x: Tensor, eps: float) -> Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+DecayCache = tuple[tuple[int | None, int], Tensor]
+
+
+def decay_rates(A_log: Tensor, scale: float, cached: DecayCache | None) -> DecayCache:
+    """``(key, -exp(A_log) * scale)`` in float32: ``cached`` while ``A_log`` is unchanged, else computed anew (both
+    mixers' decode steps and the fused step's pointer tables read it; each mixer keeps its own).
+
+    Change is seen through the version counter; inference tensors have none, and are treated as frozen
+    (weights are not edited mid-serving).
+    """
+    key = (None if A_log.is_inference() else A_log._version, A_log.data_ptr())
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, -torch.exp(A_log.float()) * scale)
+    return cached
+
+
 class MambaMixer(nn.Module):
     # nn.Linear as built; engine/quant.py's quantize_model swaps in QuantizedLinear (same weight/bias interface).
     in_proj: nn.Linear | QuantizedLinear
@@ -115,19 +132,9 @@ class MambaMixer(nn.Module):
         return self._project(y.to(hidden.dtype), self.out_proj, "out_proj", prefill=True), new_conv, new_ssm
 
     def _A_for_decode(self) -> Tensor:
-        """-exp(A_log) * log2(e) (the exp2 form), cached until the parameter changes.
-
-        Change is seen through the version counter; inference tensors have
-        none, and are treated as frozen (weights are not edited mid-serving).
-        """
-        version = None if self.A_log.is_inference() else self.A_log._version
-        key = (version, self.A_log.data_ptr())
-        cached = getattr(self, "_A_cache", None)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, -torch.exp(self.A_log.float()) * LOG2E)
-            self._A_cache = cached
-        return cached[1]
+        """-exp(A_log) * log2(e) (the exp2 form), cached until the parameter changes."""
+        self._A_cache = decay_rates(self.A_log, LOG2E, getattr(self, "_A_cache", None))
+        return self._A_cache[1]
 
     def step(self, hidden: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
         """hidden (b, d_model) -> out (b, d_model); both states advance in place.

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from engine import ops
 from engine.config import MambaConfig
+from engine.modules.mixer import decay_rates
 from engine.ops import cpu_fused, packed_linear
 
 if TYPE_CHECKING:
@@ -98,16 +99,9 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def _A_for_decode(self) -> Tensor:
-        """-exp(A_log) (H,) float32, cached until the parameter changes (its version counter; inference tensors
-        have none and are treated as frozen), for the fused decode step's pointer table."""
-        version = None if self.A_log.is_inference() else self.A_log._version
-        key = (version, self.A_log.data_ptr())
-        cached = getattr(self, "_A_cache", None)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, -torch.exp(self.A_log.float()))
-            self._A_cache = cached
-        return cached[1]
+        """-exp(A_log) (H,) float32, cached until the parameter changes."""
+        self._A_cache = decay_rates(self.A_log, 1.0, getattr(self, "_A_cache", None))
+        return self._A_cache[1]
 
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z, xbc, dt = torch.split(zxbcdt, [self.d_inner, self.conv_channels, self.nheads], dim=-1)

@@ -37,7 +37,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         dt: (b, L, H) final step sizes (bias, softplus, clamp and padding applied).
         A: (H,) negative decay rates.
         B, C: (b, L, G, N), G groups dividing H.
-        chunk_size: steps per chunk (the config's; shorter prompts take one chunk of their length).
+        chunk_size: steps per chunk (the result is the same for any, up to rounding; engine/ops caps the config's
+            on CPU); shorter prompts take one chunk of their length.
         h0: (b, H, P, N) start state, or None for zeros.
 
     Returns:
